@@ -1,0 +1,189 @@
+"""pytest fixtures for the real test environment (registered in tests/conftest.py).
+
+Session fixtures start only the part a test needs (idempotent ``up``) and FAIL (never skip)
+with a clear message when it cannot start. Parts this session had to start are stopped at
+session end; parts already running (``fleetwright testenv up``) are reused and left alone.
+``FLEETWRIGHT_TESTENV_KEEP=1`` keeps everything running after the session (faster reruns).
+
+Fixtures
+--------
+``testenv_config``  the :class:`testenv.common.Config` (state dir, cache dir).
+``kube_cluster``    dict for the ``mgmt`` control plane: name, server, port, token, ca_file,
+                    kubeconfig, etcd_prefix.
+``kube_factory``    ``make(name=None) -> dict`` (same shape) for extra control planes; all
+                    deleted (processes and etcd prefix) at session end.
+``vsphere_env``     the vsphere section (url, host, port, user, password, insecure, datacenter,
+                    cluster, datastore, network, folder, template, ...).
+``aws_env``         the aws section; function scoped: moto is reset before each test.
+``ssh_hosts``       the hosts section from ``testenv.hosts``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import testenv
+from testenv.common import Config, read_pid
+
+_KEEP = os.environ.get("FLEETWRIGHT_TESTENV_KEEP", "").lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------- markers
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.path)).parts
+        for i in range(len(parts) - 1):
+            if parts[i] == "tests" and parts[i + 1] in ("integration", "unit"):
+                marker = parts[i + 1]
+                if not item.get_closest_marker(marker):
+                    item.add_marker(getattr(pytest.mark, marker))
+                break
+
+
+# --------------------------------------------------------------------------- session bookkeeping
+
+
+class _Env:
+    """Which parts this session brought up, and failures (so a broken part fails fast)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.sections: dict[str, dict[str, Any]] = {}
+        self.failures: dict[str, str] = {}
+        self.owned: list[str] = []
+
+    def _alive(self) -> set[str]:
+        d = self.cfg.pid_dir
+        if not d.exists():
+            return set()
+        return {f.stem for f in d.glob("*.pid") if read_pid(f.stem, self.cfg) is not None}
+
+    def ensure(self, part: str) -> dict[str, Any]:
+        if part in self.sections:
+            return self.sections[part]
+        if part in self.failures:
+            pytest.fail(self.failures[part], pytrace=False)
+        before = self._alive()
+        try:
+            section = testenv.up_part(self.cfg, part)
+        except Exception as e:  # noqa: BLE001
+            log_hint = f" (logs: {self.cfg.log_dir})"
+            self.failures[part] = (f"test environment part {part!r} could not start: "
+                                   f"{type(e).__name__}: {e}{log_hint}\n"
+                                   f"try: .venv/bin/fleetwright testenv up --only {part}")
+            pytest.fail(self.failures[part], pytrace=False)
+        if self._alive() - before:
+            self.owned.append(part)
+        self.sections[part] = section
+        return section
+
+    def teardown(self) -> None:
+        if _KEEP:
+            return
+        for part in reversed(self.owned):
+            try:
+                testenv.load_part(part).down(self.cfg)
+            except Exception as e:  # noqa: BLE001
+                print(f"testenv: {part} down failed: {e}")
+
+
+@pytest.fixture(scope="session")
+def testenv_config() -> Config:
+    return Config()
+
+
+@pytest.fixture(scope="session")
+def _testenv(testenv_config: Config):
+    env = _Env(testenv_config)
+    yield env
+    env.teardown()
+
+
+# --------------------------------------------------------------------------- kube
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(_testenv: _Env) -> dict[str, Any]:
+    section = _testenv.ensure("kube")
+    return dict(section["clusters"]["mgmt"])
+
+
+@pytest.fixture(scope="session")
+def kube_factory(_testenv: _Env, kube_cluster: dict[str, Any]) -> Callable[..., dict[str, Any]]:
+    from testenv import kube
+
+    made: list[str] = []
+
+    def make(name: str | None = None) -> dict[str, Any]:
+        name = name or f"t-{secrets.token_hex(3)}"
+        try:
+            info = kube.ensure_control_plane(_testenv.cfg, name)
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"could not start control plane {name!r}: {type(e).__name__}: {e}", pytrace=False)
+        if name not in made:
+            made.append(name)
+        return dict(info)
+
+    yield make
+    for name in made:
+        try:
+            kube.delete_control_plane(_testenv.cfg, name)
+        except Exception as e:  # noqa: BLE001
+            print(f"testenv: deleting control plane {name} failed: {e}")
+
+
+# --------------------------------------------------------------------------- vsphere / aws / hosts
+
+
+@pytest.fixture(scope="session")
+def vsphere_env(_testenv: _Env) -> dict[str, Any]:
+    return dict(_testenv.ensure("vsphere"))
+
+
+@pytest.fixture(scope="session")
+def _aws_session(_testenv: _Env) -> dict[str, Any]:
+    return dict(_testenv.ensure("aws"))
+
+
+def _reset_aws(cfg: Config, section: dict[str, Any]) -> None:
+    mod = testenv.load_part("aws")
+    reset = getattr(mod, "reset", None)
+    if callable(reset):
+        reset(cfg)
+        return
+    req = urllib.request.Request(section["endpoint_url"].rstrip("/") + "/moto-api/reset", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        r.read()
+
+
+@pytest.fixture
+def aws_env(_testenv: _Env, _aws_session: dict[str, Any]) -> dict[str, Any]:
+    try:
+        _reset_aws(_testenv.cfg, _aws_session)
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"could not reset the AWS test server: {type(e).__name__}: {e}", pytrace=False)
+    return dict(_aws_session)
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts(_testenv: _Env) -> dict[str, Any]:
+    return dict(_testenv.ensure("hosts"))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    cfg = Config()
+    return f"fleetwright testenv: state {cfg.state_dir}, cache {cfg.cache_dir}" + (
+        " (kept after the session)" if _KEEP else "")
+
+
+def env_json(cfg: Config) -> dict[str, Any]:
+    """The environment document (``env.json``) as the session sees it."""
+    return json.loads(testenv.env_file(cfg).read_text())
