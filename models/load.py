@@ -1,0 +1,208 @@
+"""Strict loading of definitions from YAML text, with every error located.
+
+``load(files)`` takes ``{relative path: text}`` (reading files or a git tree is
+the job of ``backends.definitions``) and returns a :class:`Definitions`
+catalogue, or raises :class:`SpecInvalid` listing every problem as
+``FILE:LINE: FIELD: message``. YAML is parsed with libyaml when available; line
+numbers are worked out only for documents that have an error, so the happy
+path costs little more than the parse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import yaml
+from pydantic import ValidationError
+
+from .errors import Problem, SpecInvalid
+from .spec import API_VERSION, KINDS, Cluster, ClusterModel, Component, Policy, Team
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass(frozen=True)
+class DocRef:
+    """Where a document came from: its file and its index among the file's documents."""
+
+    file: str
+    index: int
+
+
+@dataclass
+class Definitions:
+    """Everything a definitions tree declares, by kind and name. Built only by :func:`load`."""
+
+    components: dict[str, Component] = field(default_factory=dict)
+    models: dict[str, dict[str, ClusterModel]] = field(default_factory=dict)
+    clusters: dict[str, Cluster] = field(default_factory=dict)
+    teams: dict[str, Team] = field(default_factory=dict)
+    policies: dict[str, Policy] = field(default_factory=dict)
+    refs: dict[tuple[str, ...], DocRef] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def model(self, ref: str) -> ClusterModel | None:
+        name, _, version = ref.partition("@")
+        return self.models.get(name, {}).get(version)
+
+    def ref_of(self, kind: str, *key: str) -> DocRef | None:
+        return self.refs.get((kind, *key))
+
+
+class Locator:
+    """Finds the line of a field path inside a document, composing YAML nodes only on demand."""
+
+    def __init__(self, files: dict[str, str]):
+        self._files = files
+        self._nodes: dict[str, list[yaml.Node]] = {}
+
+    def _docs(self, file: str) -> list[yaml.Node]:
+        if file not in self._nodes:
+            try:
+                self._nodes[file] = list(yaml.compose_all(self._files.get(file, ""), Loader=_Loader))
+            except yaml.YAMLError:
+                self._nodes[file] = []
+        return self._nodes[file]
+
+    def locate(self, ref: DocRef, loc: Iterable[Any]) -> tuple[int, str]:
+        """Return (line, dotted path) for ``loc``; elements that are not in the YAML (union tags) are skipped."""
+        docs = self._docs(ref.file)
+        if ref.index >= len(docs):
+            return 0, format_path(loc)
+        node = docs[ref.index]
+        line = node.start_mark.line + 1
+        path: list[Any] = []
+        for part in loc:
+            if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+                for k, v in node.value:
+                    if isinstance(k, yaml.ScalarNode) and k.value == part:
+                        line, node = k.start_mark.line + 1, v
+                        path.append(part)
+                        break
+                else:
+                    if part in _UNION_TAGS:
+                        continue
+                    path.append(part)  # a missing field: report it at its parent's line
+                    node = None
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+                if part < len(node.value):
+                    node = node.value[part]
+                    line = node.start_mark.line + 1
+                path.append(part)
+            elif node is None:
+                path.append(part)
+            elif isinstance(part, str) and part in _UNION_TAGS:
+                continue
+            else:
+                path.append(part)
+        return line, format_path(path)
+
+
+_UNION_TAGS = {"aws", "vsphere", "metal", "int", "str", "float", "bool", "dict", "list",
+               "literal['small','medium','large','xlarge','gpu']", "constrained-str", "function-after", "none"}
+
+
+def format_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _message(err: dict) -> str:
+    kind, inp = err.get("type"), err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "string_type" and isinstance(inp, float):
+        return f"must be a string: quote it (YAML reads {inp!r} as a number)"
+    if kind == "string_pattern_mismatch":
+        pat = (err.get("ctx") or {}).get("pattern", "")
+        return f"{inp!r} does not match the required pattern {pat}"
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx") or {}
+        return f"unknown {ctx.get('discriminator', 'type').strip(chr(39))} {ctx.get('tag')!r}: expected one of {ctx.get('expected_tags')}"
+    return err.get("msg", "invalid")
+
+
+def load(files: dict[str, str]) -> Definitions:
+    """Parse and check every document in ``files``; raise SpecInvalid with all problems found."""
+    defs = Definitions(files=files)
+    problems: list[Problem] = []
+    loc = Locator(files)
+    for file in sorted(files):
+        try:
+            raw_docs = list(yaml.load_all(files[file], Loader=_Loader))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            problems.append(Problem(file, mark.line + 1 if mark else 0, "", f"YAML syntax: {getattr(e, 'problem', None) or e}"))
+            continue
+        for index, raw in enumerate(raw_docs):
+            if raw is None:
+                continue
+            ref = DocRef(file, index)
+            obj = _validate(raw, ref, loc, problems)
+            if obj is not None:
+                _register(defs, obj, ref, loc, problems)
+    if not problems:
+        from .checks import check  # semantic rules that need the whole catalogue
+
+        problems.extend(check(defs, loc))
+    if problems:
+        raise SpecInvalid(problems)
+    return defs
+
+
+def _validate(raw: Any, ref: DocRef, loc: Locator, problems: list[Problem]):
+    if not isinstance(raw, dict):
+        line, _ = loc.locate(ref, ())
+        problems.append(Problem(ref.file, line, "", f"a document must be a mapping, not {type(raw).__name__}"))
+        return None
+    if raw.get("apiVersion") != API_VERSION:
+        line, path = loc.locate(ref, ("apiVersion",))
+        problems.append(Problem(ref.file, line, "apiVersion", f"must be {API_VERSION!r}, got {raw.get('apiVersion')!r}"))
+        return None
+    cls = KINDS.get(raw.get("kind")) if isinstance(raw.get("kind"), str) else None
+    if cls is None:
+        line, _ = loc.locate(ref, ("kind",))
+        problems.append(Problem(ref.file, line, "kind", f"must be one of {sorted(KINDS)}, got {raw.get('kind')!r}"))
+        return None
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        seen: dict[tuple[int, str], list[str]] = {}
+        for err in e.errors():
+            line, path = loc.locate(ref, err["loc"])
+            msgs = seen.setdefault((line, path), [])
+            m = _message(err)
+            if m not in msgs:
+                msgs.append(m)
+        for (line, path), msgs in seen.items():
+            problems.append(Problem(ref.file, line, path, " or ".join(msgs)))
+        return None
+
+
+def _register(defs: Definitions, obj, ref: DocRef, loc: Locator, problems: list[Problem]) -> None:
+    name = obj.metadata.name
+    if isinstance(obj, ClusterModel):
+        key = ("ClusterModel", name, obj.metadata.version)
+        table = defs.models.setdefault(name, {})
+        slot = obj.metadata.version
+    else:
+        key = (obj.kind, name)
+        table = {"Component": defs.components, "Cluster": defs.clusters, "Team": defs.teams,
+                 "Policy": defs.policies}[obj.kind]
+        slot = name
+    if key in defs.refs:
+        first = defs.refs[key]
+        line, _ = loc.locate(ref, ("metadata", "name"))
+        first_line, _ = loc.locate(first, ("metadata", "name"))
+        problems.append(Problem(ref.file, line, "metadata.name",
+                                f"duplicate {obj.kind} {'@'.join(key[1:])!r}: first defined at {first.file}:{first_line}"))
+        return
+    defs.refs[key] = ref
+    table[slot] = obj

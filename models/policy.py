@@ -1,0 +1,156 @@
+"""Policy: may this actor make this change between two revisions of the definitions?
+
+Rules, in order:
+
+``platform-all``
+    Members of the platform role (or of any role with ``allAccess``) may change everything.
+``platform-only-kind``
+    Only the platform role may change Components, ClusterModels and Policies.
+``own-workspace-only``
+    A team member may change only their own team's Team document.
+``cluster-owner-only``
+    A team member may change a Cluster only when the cluster's ``spec.owner`` is their team.
+``protected-component``
+    Nobody but the platform role may remove, downgrade or change the values of a
+    protected standard component on any cluster, by whatever route (overrides,
+    variables, the cluster's component list). Checked on the resolved clusters.
+
+A denial names its rule, the object and the field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .compare import changes
+from .desired import DesiredCluster
+from .load import Definitions
+
+
+@dataclass(frozen=True)
+class Actor:
+    name: str
+    teams: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    platform: bool = False
+
+
+@dataclass(frozen=True)
+class Denial:
+    rule: str
+    object: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"denied by {self.rule}: {self.object}: {self.field}: {self.message}"
+
+
+@dataclass
+class Verdict:
+    actor: str
+    allowed: bool
+    rule: str
+    denials: list[Denial] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"actor": self.actor, "allowed": self.allowed, "rule": self.rule,
+                "denials": [d.__dict__ for d in self.denials]}
+
+
+def actor_from(defs: Definitions, name: str, groups: tuple[str, ...] = ()) -> Actor:
+    """Who ``name`` is in these definitions: their teams (by member or group) and roles."""
+    teams = frozenset(t for t, team in defs.teams.items()
+                      if name in team.spec.members or set(groups) & set(team.spec.groups))
+    roles, platform = set(), False
+    for pol in defs.policies.values():
+        for role in pol.spec.roles:
+            if name in role.members or set(groups) & set(role.groups):
+                roles.add(role.name)
+                platform = platform or role.all_access or role.name == pol.spec.platform_role
+    return Actor(name=name, teams=teams, roles=frozenset(roles), platform=platform)
+
+
+def _docs(defs: Definitions | None) -> dict[tuple, dict]:
+    if defs is None:
+        return {}
+    out = {}
+    for name, c in defs.components.items():
+        out[("Component", name)] = c.model_dump(mode="json", by_alias=True)
+    for name, versions in defs.models.items():
+        for v, m in versions.items():
+            out[("ClusterModel", f"{name}@{v}")] = m.model_dump(mode="json", by_alias=True)
+    for name, c in defs.clusters.items():
+        out[("Cluster", name)] = c.model_dump(mode="json", by_alias=True)
+    for name, t in defs.teams.items():
+        out[("Team", name)] = t.model_dump(mode="json", by_alias=True)
+    for name, p in defs.policies.items():
+        out[("Policy", name)] = p.model_dump(mode="json", by_alias=True)
+    return out
+
+
+def _first_change(old: dict | None, new: dict | None) -> str:
+    if old is None:
+        return "(added)"
+    if new is None:
+        return "(removed)"
+    return next((p for p, _, _ in changes(old, new)), "")
+
+
+def evaluate(old: Definitions | None, new: Definitions, actor: Actor,
+             old_desired: dict[str, DesiredCluster] | None = None,
+             new_desired: dict[str, DesiredCluster] | None = None) -> Verdict:
+    """Judge the change from ``old`` to ``new`` for ``actor``."""
+    if actor.platform:
+        return Verdict(actor.name, True, "platform-all")
+    denials: list[Denial] = []
+    a, b = _docs(old), _docs(new)
+    for key in sorted(set(a) | set(b)):
+        before, after = a.get(key), b.get(key)
+        if before == after:
+            continue
+        kind, name = key
+        where = _first_change(before, after)
+        obj = f"{kind}/{name}"
+        if kind in ("Component", "ClusterModel", "Policy"):
+            denials.append(Denial("platform-only-kind", obj, where, f"only the platform role may change a {kind}"))
+        elif kind == "Team" and name not in actor.teams:
+            denials.append(Denial("own-workspace-only", obj, where,
+                                  f"{actor.name} may change only their own team's workspace ({', '.join(sorted(actor.teams)) or 'no team'})"))
+        elif kind == "Cluster":
+            owners = {d["spec"].get("owner") for d in (before, after) if d is not None}
+            if not owners <= set(actor.teams) or None in owners:
+                denials.append(Denial("cluster-owner-only", obj, where,
+                                      f"{actor.name}'s teams ({', '.join(sorted(actor.teams)) or 'none'}) do not own this cluster"))
+    if old is not None and old_desired is None:
+        from .resolve import resolve_all
+
+        old_desired, new_desired = resolve_all(old), resolve_all(new)
+    for cname in sorted(set(old_desired or {}) & set(new_desired or {})):
+        denials.extend(_protected(old_desired[cname], new_desired[cname]))
+    if denials:
+        return Verdict(actor.name, False, denials[0].rule, denials)
+    return Verdict(actor.name, True, "team-scope")
+
+
+def _protected(old: DesiredCluster, new: DesiredCluster) -> list[Denial]:
+    out = []
+    for oc in old.components:
+        if not oc.protected:
+            continue
+        obj = f"Cluster/{new.name}"
+        nc = new.component(oc.name)
+        if nc is None:
+            out.append(Denial("protected-component", obj, f"components.{oc.name}", "a protected standard component may not be removed"))
+            continue
+        if _semver(nc.version) < _semver(oc.version):
+            out.append(Denial("protected-component", obj, f"components.{oc.name}.version",
+                              f"a protected standard component may not be downgraded ({oc.version} -> {nc.version})"))
+        for path, _, _ in changes(oc.values, nc.values, f"components.{oc.name}.values"):
+            out.append(Denial("protected-component", obj, path, "the values of a protected standard component may not be changed"))
+            break
+    return out
+
+
+def _semver(v: str) -> tuple:
+    core = v.split("-")[0].split("+")[0]
+    return tuple(int(x) for x in core.split("."))

@@ -1,0 +1,173 @@
+"""Rendering: components and team workspaces as the Kubernetes objects fleetwright owns.
+
+Every object carries the ownership labels (``app.kubernetes.io/managed-by:
+fleetwright`` plus the cluster and the component or workspace), so a backend
+can find, prune and refuse to adopt by label alone. Manifests may use
+``${values.a.b}``, ``${cluster.name}``, ``${cluster.labels.env}``,
+``${component.namespace}`` and ``${component.version}``.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from .spec import Component, Source, Team
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "fleetwright"
+CLUSTER_LABEL = "fleetwright.io/cluster"
+COMPONENT_LABEL = "fleetwright.io/component"
+WORKSPACE_LABEL = "fleetwright.io/workspace"
+HASH_ANNOTATION = "fleetwright.io/spec-hash"
+
+CLUSTER_SCOPED = {
+    "Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "StorageClass", "PriorityClass",
+    "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration", "IngressClass", "APIService",
+    "PersistentVolume", "CSIDriver", "RuntimeClass", "PodSecurityPolicy", "VolumeSnapshotClass",
+}
+_KIND_ORDER = {"Namespace": 0, "CustomResourceDefinition": 1, "ServiceAccount": 2, "ClusterRole": 3, "Role": 3,
+               "ClusterRoleBinding": 4, "RoleBinding": 4, "ConfigMap": 5, "Secret": 5}
+_REF = re.compile(r"\$\{((?:values|cluster|component)(?:\.[A-Za-z0-9_-]+)+)\}")
+
+
+class RenderError(Exception):
+    def __init__(self, loc: tuple, message: str):
+        self.loc, self.message = loc, message
+
+
+def _lookup(root: dict, dotted: str, loc: tuple) -> Any:
+    cur: Any = root
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise RenderError(loc, f"${{{dotted}}} is not defined")
+        cur = cur[part]
+    return cur
+
+
+def _fill(value: Any, root: dict, loc: tuple) -> Any:
+    if isinstance(value, str):
+        if "${" not in value:
+            return value
+        m = _REF.fullmatch(value)
+        if m:
+            return copy.deepcopy(_lookup(root, m.group(1), loc))
+        return _REF.sub(lambda mm: str(_lookup(root, mm.group(1), loc)), value)
+    if isinstance(value, dict):
+        return {k: _fill(v, root, loc + (k,)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, root, loc + (i,)) for i, v in enumerate(value)]
+    return value
+
+
+def _as_text(v: Any) -> str:
+    """ConfigMap data is text; a typed value substituted into it is written as YAML would show it."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return v if isinstance(v, str) else str(v)
+
+
+def sort_objects(objects: list[dict]) -> list[dict]:
+    """Namespaces, then CRDs, then RBAC, then the rest; stable otherwise."""
+    return sorted(objects, key=lambda o: _KIND_ORDER.get(o.get("kind", ""), 9))
+
+
+def _own(obj: dict, cluster: str, label: str, owner: str, namespace: str | None) -> dict:
+    meta = obj.setdefault("metadata", {})
+    labels = meta.setdefault("labels", {})
+    labels.update({MANAGED_BY: MANAGER, CLUSTER_LABEL: cluster, label: owner})
+    if namespace and obj.get("kind") not in CLUSTER_SCOPED:
+        meta.setdefault("namespace", namespace)
+    return obj
+
+
+def component_objects(comp: Component, source: Source, values: dict, ctx: dict) -> tuple[list[dict], dict | None]:
+    """Render one component for one cluster: (objects, EKS add-on or None)."""
+    name, ns = comp.metadata.name, comp.spec.namespace
+    root = {"values": values, "cluster": ctx, "component": {"name": name, "namespace": ns, "version": comp.spec.version}}
+    kind = source.kind()
+    if kind == "eksAddon":
+        return [], {"name": source.eks_addon.name, "version": source.eks_addon.version, "configuration": values}
+    objects: list[dict] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}]
+    if kind == "manifests":
+        for i, m in enumerate(source.manifests):
+            obj = _fill(m, root, ("manifests", i))
+            if not isinstance(obj.get("apiVersion"), str) or not isinstance(obj.get("kind"), str) \
+                    or not isinstance(obj.get("metadata"), dict) or not obj["metadata"].get("name"):
+                raise RenderError(("manifests", i), "a manifest needs apiVersion, kind and metadata.name")
+            if obj["kind"] in ("ConfigMap", "Secret"):
+                for fld in ("data", "stringData"):
+                    if isinstance(obj.get(fld), dict):
+                        obj[fld] = {k: _as_text(v) for k, v in obj[fld].items()}
+            objects.append(obj)
+    else:
+        h = source.helm
+        objects.append({"apiVersion": "source.toolkit.fluxcd.io/v1beta2", "kind": "HelmRepository",
+                        "metadata": {"name": name},
+                        "spec": {"url": h.repository, "interval": "10m", **({"type": "oci"} if h.repository.startswith("oci://") else {})}})
+        objects.append({"apiVersion": "helm.toolkit.fluxcd.io/v2beta1", "kind": "HelmRelease", "metadata": {"name": name},
+                        "spec": {"interval": "10m", "releaseName": name, "targetNamespace": ns,
+                                 "chart": {"spec": {"chart": h.chart, "version": h.version,
+                                                    "sourceRef": {"kind": "HelmRepository", "name": name}}},
+                                 "values": copy.deepcopy(values)}})
+    seen = set()
+    out = []
+    for obj in objects:
+        _own(obj, ctx["name"], COMPONENT_LABEL, name, ns)
+        key = (obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(obj)
+    return sort_objects(out), None
+
+
+def workspace_objects(team: Team, cluster: str) -> list[dict]:
+    """A team's workspace: namespaces, RBAC, quota, limits, default-deny, and its GitOps source."""
+    name, spec = team.metadata.name, team.spec
+    objs: list[dict] = []
+    subjects = [{"kind": "Group", "name": g, "apiGroup": "rbac.authorization.k8s.io"} for g in spec.groups] + \
+               [{"kind": "User", "name": u, "apiGroup": "rbac.authorization.k8s.io"} for u in spec.members]
+    first = spec.namespaces[0].name
+    sa = "gitops-reconciler"
+    for ns in spec.namespaces:
+        n = ns.name
+        objs.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n, "labels": {"fleetwright.io/team": name}}})
+        if subjects:
+            objs.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                         "metadata": {"name": f"team-{name}", "namespace": n},
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": spec.role},
+                         "subjects": subjects})
+        hard = {"requests.cpu": ns.quota.cpu, "requests.memory": ns.quota.memory, "limits.cpu": ns.quota.cpu,
+                "limits.memory": ns.quota.memory, "pods": str(ns.quota.pods)}
+        if ns.quota.storage:
+            hard["requests.storage"] = ns.quota.storage
+        objs.append({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "team-quota", "namespace": n},
+                     "spec": {"hard": hard}})
+        objs.append({"apiVersion": "v1", "kind": "LimitRange", "metadata": {"name": "team-limits", "namespace": n},
+                     "spec": {"limits": [{"type": "Container",
+                                          "default": {"cpu": ns.limits.cpu, "memory": ns.limits.memory},
+                                          "defaultRequest": {"cpu": ns.limits.cpu, "memory": ns.limits.memory}}]}})
+        objs.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "default-deny", "namespace": n},
+                     "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+                              "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}})
+        if spec.gitops is not None:
+            objs.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                         "metadata": {"name": f"{sa}", "namespace": n},
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+                         "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": first}]})
+    if spec.gitops is not None:
+        g = spec.gitops
+        objs.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": first}})
+        repo = {"url": g.url, "interval": g.interval, "ref": {"branch": g.ref}}
+        if g.secret_ref:
+            repo["secretRef"] = {"name": g.secret_ref}
+        objs.append({"apiVersion": "source.toolkit.fluxcd.io/v1beta2", "kind": "GitRepository",
+                     "metadata": {"name": name, "namespace": first}, "spec": repo})
+        objs.append({"apiVersion": "kustomize.toolkit.fluxcd.io/v1beta2", "kind": "Kustomization",
+                     "metadata": {"name": name, "namespace": first},
+                     "spec": {"interval": g.interval, "path": g.path, "prune": True, "serviceAccountName": sa,
+                              "targetNamespace": first, "sourceRef": {"kind": "GitRepository", "name": name}}})
+    for o in objs:
+        _own(o, cluster, WORKSPACE_LABEL, name, None)
+    return sort_objects(objs)

@@ -1,0 +1,386 @@
+"""The definitions schema: what a platform team writes in Git.
+
+Every document is ``apiVersion: fleetwright.io/v1alpha1`` with one ``kind``:
+``Component``, ``ClusterModel``, ``Cluster``, ``Team`` or ``Policy``. Parsing is
+strict (unknown keys are errors) and every spec is frozen. Field names are
+camelCase in YAML, as in Kubernetes. Status never comes from these files.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "fleetwright.io/v1alpha1"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+K8S_MINOR = r"^1\.[0-9]{1,2}$"
+SEMVER = r"^[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.-]+)?$"
+BACKENDS = ("aws", "vsphere", "metal")
+
+
+class Spec(BaseModel):
+    """Base of every user-written object: strict, frozen, camelCase."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True,
+        str_strip_whitespace=False, validate_default=False,
+    )
+
+
+Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
+Labels = dict[Annotated[str, Field(pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")],
+              Annotated[str, Field(max_length=63)]]
+
+
+class Metadata(Spec):
+    name: Name
+    labels: Labels = {}
+    annotations: dict[str, str] = {}
+
+
+class VersionedMetadata(Metadata):
+    version: Annotated[str, Field(pattern=SEMVER)]
+
+
+# --------------------------------------------------------------------------- Component
+
+Capability = Literal["ingress", "storage", "loadBalancer", "dns", "certificates", "monitoring", "policy",
+                     "logging", "gitops", "gpu"]
+
+
+class KubernetesRange(Spec):
+    """Kubernetes minor versions a component supports, inclusive."""
+
+    min: Annotated[str, Field(pattern=K8S_MINOR)] = "1.20"
+    max: Annotated[str, Field(pattern=K8S_MINOR)] | None = None
+
+
+class HelmSource(Spec):
+    """A Helm chart, rendered as a Flux ``HelmRepository`` + ``HelmRelease`` (see README)."""
+
+    repository: Annotated[str, Field(pattern=r"^(https?|oci)://")]
+    chart: Annotated[str, Field(min_length=1)]
+    version: Annotated[str, Field(min_length=1)]
+
+
+class EksAddonSource(Spec):
+    """An EKS managed add-on, installed through the EKS API instead of manifests."""
+
+    name: Annotated[str, Field(min_length=1)]
+    version: Annotated[str, Field(min_length=1)] | None = None
+
+
+class Source(Spec):
+    """Exactly one of: plain manifests (with ``${values.x}`` substitution), a Helm chart, an EKS add-on."""
+
+    manifests: list[dict[str, Any]] | None = None
+    helm: HelmSource | None = None
+    eks_addon: EksAddonSource | None = None
+
+    def kind(self) -> str:
+        return "manifests" if self.manifests is not None else "helm" if self.helm else "eksAddon"
+
+
+class BackendImpl(Spec):
+    """How a component differs on one backend: its own source, extra values, or not available."""
+
+    source: Source | None = None
+    values: dict[str, Any] = {}
+    provides: list[Capability] | None = None
+    available: bool = True
+
+
+class ComponentSpec(Spec):
+    version: Annotated[str, Field(pattern=SEMVER)]
+    description: str = ""
+    namespace: Name
+    provides: list[Capability] = []
+    depends_on: list[Name] = []
+    kubernetes: KubernetesRange = KubernetesRange()
+    source: Source
+    values: dict[str, Any] = {}
+    backends: dict[Literal["aws", "vsphere", "metal"], BackendImpl] = {}
+
+
+class Component(Spec):
+    api_version: Literal["fleetwright.io/v1alpha1"]
+    kind: Literal["Component"]
+    metadata: Metadata
+    spec: ComponentSpec
+
+
+# --------------------------------------------------------------------------- ClusterModel
+
+VarType = Literal["string", "integer", "number", "boolean", "object", "array"]
+
+
+class Variable(Spec):
+    """A typed variable with a default and constraints, as in Cluster API's ClusterClass."""
+
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z][a-zA-Z0-9_]*$")]
+    type: VarType
+    description: str = ""
+    default: Any = None
+    required: bool = False
+    enum: list[Any] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    pattern: str | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+
+Size = Literal["small", "medium", "large", "xlarge", "gpu"]
+IntOrVar = Union[Annotated[int, Field(ge=0)], Annotated[str, Field(pattern=r"^\$\{var\.[a-zA-Z][a-zA-Z0-9_]*\}$")]]
+StrOrVar = str
+
+
+class ControlPlane(Spec):
+    replicas: IntOrVar = 3
+    size: Size | StrOrVar = "medium"
+
+
+class NodePool(Spec):
+    name: Name
+    size: Size | StrOrVar = "medium"
+    replicas: IntOrVar = 3
+    min_size: IntOrVar = 1
+    max_size: IntOrVar = 10
+    labels: dict[str, str] = {}
+    taints: list[str] = []
+
+
+class ModelComponent(Spec):
+    """A standard component of a model, with default values for clusters of this model."""
+
+    name: Name
+    values: dict[str, Any] = {}
+
+
+class KubernetesSpec(Spec):
+    version: Annotated[str, Field(pattern=K8S_MINOR)] | StrOrVar
+
+
+class ClusterModelSpec(Spec):
+    description: str = ""
+    variables: list[Variable] = []
+    kubernetes: KubernetesSpec
+    control_plane: ControlPlane = ControlPlane()
+    node_pools: Annotated[list[NodePool], Field(min_length=1)]
+    capabilities: dict[Capability, "CapabilityRequest"] = {}
+    components: list[ModelComponent] = []
+
+
+class CapabilityRequest(Spec):
+    """Ask for a capability; ``prefer`` picks a component when several provide it on a backend."""
+
+    prefer: dict[Literal["aws", "vsphere", "metal"], Name] = {}
+    values: dict[str, Any] = {}
+
+
+ClusterModelSpec.model_rebuild()
+
+
+class ClusterModel(Spec):
+    api_version: Literal["fleetwright.io/v1alpha1"]
+    kind: Literal["ClusterModel"]
+    metadata: VersionedMetadata
+    spec: ClusterModelSpec
+
+
+# --------------------------------------------------------------------------- Cluster backends
+
+class Vpc(Spec):
+    """Use an existing VPC (``id`` + ``subnetIds``) or create one from ``cidr``."""
+
+    id: Annotated[str, Field(pattern=r"^vpc-[0-9a-f]+$")] | None = None
+    subnet_ids: list[Annotated[str, Field(pattern=r"^subnet-[0-9a-f]+$")]] = []
+    cidr: Annotated[str, Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")] | None = None
+    availability_zones: int = Field(default=2, ge=1, le=6)
+
+
+class AwsNodePool(Spec):
+    instance_types: Annotated[list[str], Field(min_length=1)]
+    disk_size_gib: int = Field(default=50, ge=20, le=16384, alias="diskSizeGiB")
+    capacity_type: Literal["ON_DEMAND", "SPOT"] = "ON_DEMAND"
+
+
+class AwsBackend(Spec):
+    type: Literal["aws"]
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-\d$")]
+    account: Annotated[str, Field(pattern=r"^\d{12}$")] | None = None
+    vpc: Vpc
+    node_pools: dict[Name, AwsNodePool] = {}
+    endpoint_public_access: bool = False
+    tags: dict[str, str] = {}
+
+
+class IpPool(Spec):
+    """Static addresses for VMs, as an inclusive range, with the network's gateway and prefix."""
+
+    start: Annotated[str, Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
+    end: Annotated[str, Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
+    prefix: int = Field(default=24, ge=8, le=32)
+    gateway: Annotated[str, Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")] | None = None
+    dns: list[str] = []
+
+
+class VsphereBackend(Spec):
+    type: Literal["vsphere"]
+    server: str | None = None
+    datacenter: Annotated[str, Field(min_length=1)]
+    cluster: Annotated[str, Field(min_length=1)]
+    datastore: Annotated[str, Field(min_length=1)]
+    template: Annotated[str, Field(min_length=1)]
+    folder: Annotated[str, Field(min_length=1)] = "fleetwright"
+    network: Annotated[str, Field(min_length=1)]
+    ip_pool: IpPool
+    ssh_user: str = "root"
+
+
+class MetalHost(Spec):
+    name: Name
+    address: Annotated[str, Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
+    role: Literal["controlPlane", "worker"]
+    pool: Name | None = None
+
+
+class MetalBackend(Spec):
+    type: Literal["metal"]
+    ssh_user: str = "root"
+    hosts: Annotated[list[MetalHost], Field(min_length=1)]
+
+
+Backend = Annotated[Union[AwsBackend, VsphereBackend, MetalBackend], Field(discriminator="type")]
+
+
+# --------------------------------------------------------------------------- Cluster
+
+class ComponentOverride(Spec):
+    """A cluster's change to one component: extra values, or ``enabled: false`` to leave it out."""
+
+    values: dict[str, Any] = {}
+    enabled: bool = True
+
+
+class NodePoolOverride(Spec):
+    name: Name
+    replicas: int | None = Field(default=None, ge=0)
+    min_size: int | None = Field(default=None, ge=0)
+    max_size: int | None = Field(default=None, ge=0)
+    size: Size | None = None
+
+
+class Overrides(Spec):
+    components: dict[Name, ComponentOverride] = {}
+    node_pools: list[NodePoolOverride] = []
+    control_plane_replicas: int | None = Field(default=None, ge=1)
+
+
+class ClusterSpec(Spec):
+    model: Annotated[str, Field(pattern=r"^[a-z0-9][-a-z0-9]*@[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.-]+)?$")]
+    drift_mode: Literal["report", "correct"] = "report"
+    owner: Name | None = None
+    variables: dict[str, Any] = {}
+    components: list[ModelComponent] = []
+    overrides: Overrides = Overrides()
+    backend: Backend
+
+
+class Cluster(Spec):
+    api_version: Literal["fleetwright.io/v1alpha1"]
+    kind: Literal["Cluster"]
+    metadata: Metadata
+    spec: ClusterSpec
+
+
+# --------------------------------------------------------------------------- Team
+
+class Quota(Spec):
+    cpu: str = "8"
+    memory: str = "16Gi"
+    pods: int = Field(default=50, ge=1)
+    storage: str | None = None
+
+
+class LimitDefaults(Spec):
+    cpu: str = "500m"
+    memory: str = "512Mi"
+
+
+class TeamNamespace(Spec):
+    name: Name
+    quota: Quota = Quota()
+    limits: LimitDefaults = LimitDefaults()
+
+
+class GitOpsSource(Spec):
+    url: Annotated[str, Field(pattern=r"^(https?|ssh)://|^git@")]
+    ref: str = "main"
+    path: str = "./"
+    interval: Annotated[str, Field(pattern=r"^[0-9]+[smh]$")] = "5m"
+    secret_ref: Name | None = None
+
+
+class Selector(Spec):
+    match_labels: dict[str, str] = {}
+
+
+class Placement(Spec):
+    """Which clusters a team is granted: by name, by label selector, or both."""
+
+    clusters: list[Name] = []
+    selector: Selector | None = None
+
+
+class TeamSpec(Spec):
+    description: str = ""
+    members: list[str] = []
+    groups: list[str] = []
+    role: Literal["view", "edit", "admin"] = "edit"
+    namespaces: Annotated[list[TeamNamespace], Field(min_length=1)]
+    gitops: GitOpsSource | None = None
+    placement: Placement
+
+
+class Team(Spec):
+    api_version: Literal["fleetwright.io/v1alpha1"]
+    kind: Literal["Team"]
+    metadata: Metadata
+    spec: TeamSpec
+
+
+# --------------------------------------------------------------------------- Policy
+
+class Role(Spec):
+    name: Name
+    members: list[str] = []
+    groups: list[str] = []
+    all_access: bool = False
+
+
+class PolicySpec(Spec):
+    protected_components: list[Name] = []
+    roles: list[Role] = []
+    platform_role: Name = "platform"
+
+
+class Policy(Spec):
+    api_version: Literal["fleetwright.io/v1alpha1"]
+    kind: Literal["Policy"]
+    metadata: Metadata
+    spec: PolicySpec
+
+
+Document = Annotated[Union[Component, ClusterModel, Cluster, Team, Policy], Field(discriminator="kind")]
+KINDS = {"Component": Component, "ClusterModel": ClusterModel, "Cluster": Cluster, "Team": Team, "Policy": Policy}
