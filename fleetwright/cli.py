@@ -1,14 +1,187 @@
-"""The `fleetwright` command line. Exit codes: 0 ok, 1 invalid or denied, 2 usage."""
+"""The `fleetwright` command line.
+
+Exit codes: 0 ok, 1 invalid definitions or a denied change, 2 usage.
+Problems go to stderr as ``FILE:LINE: FIELD: message``.
+"""
 from __future__ import annotations
 
-import typer
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+import typer
+import yaml
+
+from models.errors import FleetwrightError, PermanentError, SpecInvalid
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+
+
+class Format(str, Enum):
+    yaml = "yaml"
+    json = "json"
+    text = "text"
+
+
+def _fail(err: FleetwrightError) -> None:
+    if isinstance(err, SpecInvalid):
+        for p in err.problems:
+            typer.echo(str(p), err=True)
+        typer.echo(f"{len(err.problems)} problem(s) found", err=True)
+    else:
+        typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(1)
+
+
+def _emit(data, fmt: Format) -> None:
+    if fmt == Format.json:
+        typer.echo(json.dumps(data, indent=2, sort_keys=False))
+    else:
+        typer.echo(yaml.safe_dump(data, sort_keys=False, width=120).rstrip())
+
+
+def _load(path: Path):
+    from backends.definitions import load_path
+
+    return load_path(path)
+
+
+@app.command()
+def validate(path: Path = typer.Argument(..., help="A definitions directory or file")) -> None:
+    """Check every definition under PATH, and that every cluster resolves."""
+    try:
+        defs = _load(path)
+    except FleetwrightError as e:
+        _fail(e)
+    n_models = sum(len(v) for v in defs.models.values())
+    typer.echo(f"ok: {len(defs.clusters)} clusters, {n_models} models, {len(defs.components)} components, "
+               f"{len(defs.teams)} teams, {len(defs.policies)} policies")
+
+
+@app.command()
+def render(path: Path, cluster: str = typer.Option(..., "--cluster", "-c"),
+           format: Format = typer.Option(Format.yaml, "--format", "-f")) -> None:
+    """Print the fully resolved desired state of one cluster."""
+    from models.resolve import resolve
+
+    try:
+        defs = _load(path)
+        if cluster not in defs.clusters:
+            typer.echo(f"error: no Cluster {cluster!r}; known: {', '.join(sorted(defs.clusters))}", err=True)
+            raise typer.Exit(2)
+        desired = resolve(defs, cluster)
+    except FleetwrightError as e:
+        _fail(e)
+    _emit(desired.model_dump(mode="json", by_alias=True), format)
+
+
+@app.command()
+def plan(path: Path, cluster: str = typer.Option(..., "--cluster", "-c"),
+         observed: Optional[Path] = typer.Option(None, "--observed", help="An ObservedCluster as YAML or JSON; "
+                                                 "without it, the cluster is taken to not exist yet"),
+         format: Format = typer.Option(Format.text, "--format", "-f")) -> None:
+    """Show the steps that take the observed cluster to its desired state."""
+    from models.desired import ObservedCluster
+    from models.load import parse_one
+    from models.plan import plan as make_plan
+    from models.resolve import resolve
+
+    try:
+        defs = _load(path)
+        if cluster not in defs.clusters:
+            typer.echo(f"error: no Cluster {cluster!r}; known: {', '.join(sorted(defs.clusters))}", err=True)
+            raise typer.Exit(2)
+        desired = resolve(defs, cluster)
+        if observed is None:
+            obs = ObservedCluster(name=cluster)
+        else:
+            if not observed.is_file():
+                typer.echo(f"error: {observed}: no such file", err=True)
+                raise typer.Exit(2)
+            obs = parse_one(ObservedCluster, str(observed), observed.read_text(encoding="utf-8"))
+    except FleetwrightError as e:
+        _fail(e)
+    p = make_plan(desired, obs)
+    if format == Format.text:
+        if p.refused:
+            for r in p.refused:
+                typer.echo(f"REFUSED: {r}")
+        if not p.steps and not p.refused:
+            typer.echo(f"{cluster}: no changes (desired {p.desired_hash})")
+        for i, s in enumerate(p.steps, 1):
+            typer.echo(f"{i:3}. {s.action:22} {s.object:28} {s.reason}")
+    else:
+        _emit(p.model_dump(mode="json"), format)
+    if p.refused:
+        raise typer.Exit(1)
+
+
+@app.command()
+def diff(repo: Path, from_ref: str = typer.Option(..., "--from"), to_ref: str = typer.Option(..., "--to"),
+         subdir: str = typer.Option("", "--path", help="The definitions' folder inside the repository"),
+         actor: Optional[str] = typer.Option(None, "--actor", help="Judge the change for this person"),
+         groups: list[str] = typer.Option([], "--group", help="The actor's groups (repeatable)"),
+         format: Format = typer.Option(Format.text, "--format", "-f")) -> None:
+    """Which clusters a change between two git refs affects, how, and the policy verdict."""
+    from backends.definitions import read_git
+    from models.diff import diff_fleet
+    from models.load import load
+    from models.policy import actor_from, evaluate
+    from models.resolve import resolve_all
+
+    try:
+        old_files, new_files = read_git(repo, from_ref, subdir), read_git(repo, to_ref, subdir)
+        old = load(old_files) if old_files else None
+        new = load(new_files)
+        old_d = resolve_all(old) if old else {}
+        new_d = resolve_all(new)
+    except FleetwrightError as e:
+        _fail(e)
+    changes = diff_fleet(old_d, new_d)
+    verdict = None
+    if actor:
+        who = actor_from(old or new, actor, tuple(groups))  # roles as they were before the change
+        verdict = evaluate(old, new, who, old_d, new_d)
+    if format == Format.text:
+        if not changes:
+            typer.echo("no cluster changes")
+        for c in changes:
+            typer.echo(f"{c['cluster']}: {c['change']}")
+            for f in c["fields"][:20]:
+                typer.echo(f"    {f['path']}: {json.dumps(f['old'])} -> {json.dumps(f['new'])}")
+            if len(c["fields"]) > 20:
+                typer.echo(f"    ... and {len(c['fields']) - 20} more")
+        if verdict:
+            typer.echo(f"policy for {actor}: {'ALLOWED' if verdict.allowed else 'DENIED'} ({verdict.rule})")
+            for d in verdict.denials:
+                typer.echo(f"    {d}")
+    else:
+        _emit({"from": from_ref, "to": to_ref, "clusters": changes,
+               "policy": verdict.to_dict() if verdict else None}, format)
+    if verdict is not None and not verdict.allowed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema(output: Optional[Path] = typer.Option(None, "--output", "-o")) -> None:
+    """Write the JSON Schema of the definitions, for editors to complete and check files."""
+    from models.schema import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n", encoding="utf-8")
+        typer.echo(f"wrote {output}", err=True)
+    else:
+        typer.echo(text)
 
 
 def _mount_testenv() -> None:
-    from testenv.cli import app as testenv_app
-
+    try:
+        from testenv.cli import app as testenv_app
+    except ImportError:  # the test environment is a development tool; the CLI works without it
+        return
     app.add_typer(testenv_app, name="testenv", help="Build, start and stop the real test counterparts.")
 
 
@@ -16,4 +189,8 @@ _mount_testenv()
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except PermanentError as e:  # anything not handled above: clear message, no traceback
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)

@@ -206,3 +206,21 @@ def _register(defs: Definitions, obj, ref: DocRef, loc: Locator, problems: list[
         return
     defs.refs[key] = ref
     table[slot] = obj
+
+
+def parse_one(cls, file: str, text: str):
+    """Parse one YAML/JSON document of pydantic type ``cls`` with located errors (used for observed-state files)."""
+    problems: list[Problem] = []
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise SpecInvalid([Problem(file, mark.line + 1 if mark else 0, "", f"YAML syntax: {getattr(e, 'problem', None) or e}")]) from None
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        loc = Locator({file: text})
+        for err in e.errors():
+            line, path = loc.locate(DocRef(file, 0), err["loc"])
+            problems.append(Problem(file, line, path, _message(err)))
+        raise SpecInvalid(problems) from None

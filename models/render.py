@@ -1,7 +1,7 @@
 """Rendering: components and team workspaces as the Kubernetes objects fleetwright owns.
 
 Every object carries the ownership labels (``app.kubernetes.io/managed-by:
-fleetwright`` plus the cluster and the component or workspace), so a backend
+fleetwright`` plus the component or workspace it belongs to), so a backend
 can find, prune and refuse to adopt by label alone. Manifests may use
 ``${values.a.b}``, ``${cluster.name}``, ``${cluster.labels.env}``,
 ``${component.namespace}`` and ``${component.version}``.
@@ -16,7 +16,6 @@ from .spec import Component, Source, Team
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "fleetwright"
-CLUSTER_LABEL = "fleetwright.io/cluster"
 COMPONENT_LABEL = "fleetwright.io/component"
 WORKSPACE_LABEL = "fleetwright.io/workspace"
 HASH_ANNOTATION = "fleetwright.io/spec-hash"
@@ -72,22 +71,33 @@ def sort_objects(objects: list[dict]) -> list[dict]:
     return sorted(objects, key=lambda o: _KIND_ORDER.get(o.get("kind", ""), 9))
 
 
-def _own(obj: dict, cluster: str, label: str, owner: str, namespace: str | None) -> dict:
+def _own(obj: dict, label: str, owner: str, namespace: str | None) -> dict:
     meta = obj.setdefault("metadata", {})
     labels = meta.setdefault("labels", {})
-    labels.update({MANAGED_BY: MANAGER, CLUSTER_LABEL: cluster, label: owner})
+    labels.update({MANAGED_BY: MANAGER, label: owner})
     if namespace and obj.get("kind") not in CLUSTER_SCOPED:
         meta.setdefault("namespace", namespace)
     return obj
 
 
+def uses_cluster(comp: Component, source: Source, values: dict) -> bool:
+    """Whether rendering depends on the cluster (``${cluster...}`` appears); if not, one render serves every cluster."""
+    import json
+
+    blob = json.dumps([source.model_dump(mode="json"), values], default=str)
+    return "${cluster." in blob
+
+
 def component_objects(comp: Component, source: Source, values: dict, ctx: dict) -> tuple[list[dict], dict | None]:
     """Render one component for one cluster: (objects, EKS add-on or None)."""
     name, ns = comp.metadata.name, comp.spec.namespace
-    root = {"values": values, "cluster": ctx, "component": {"name": name, "namespace": ns, "version": comp.spec.version}}
+    root = {"cluster": ctx, "component": {"name": name, "namespace": ns, "version": comp.spec.version}}
+    values = _fill(values, root, ("values",))
+    root["values"] = values
     kind = source.kind()
     if kind == "eksAddon":
-        return [], {"name": source.eks_addon.name, "version": source.eks_addon.version, "configuration": values}
+        return [], {"name": source.eks_addon.name, "version": source.eks_addon.version,
+                    "values": values}
     objects: list[dict] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}]
     if kind == "manifests":
         for i, m in enumerate(source.manifests):
@@ -113,7 +123,7 @@ def component_objects(comp: Component, source: Source, values: dict, ctx: dict) 
     seen = set()
     out = []
     for obj in objects:
-        _own(obj, ctx["name"], COMPONENT_LABEL, name, ns)
+        _own(obj, COMPONENT_LABEL, name, ns)
         key = (obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
         if key in seen:
             continue
@@ -122,7 +132,7 @@ def component_objects(comp: Component, source: Source, values: dict, ctx: dict) 
     return sort_objects(out), None
 
 
-def workspace_objects(team: Team, cluster: str) -> list[dict]:
+def workspace_objects(team: Team) -> list[dict]:
     """A team's workspace: namespaces, RBAC, quota, limits, default-deny, and its GitOps source."""
     name, spec = team.metadata.name, team.spec
     objs: list[dict] = []
@@ -169,5 +179,5 @@ def workspace_objects(team: Team, cluster: str) -> list[dict]:
                      "spec": {"interval": g.interval, "path": g.path, "prune": True, "serviceAccountName": sa,
                               "targetNamespace": first, "sourceRef": {"kind": "GitRepository", "name": name}}})
     for o in objs:
-        _own(o, cluster, WORKSPACE_LABEL, name, None)
+        _own(o, WORKSPACE_LABEL, name, None)
     return sort_objects(objs)

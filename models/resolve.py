@@ -34,6 +34,8 @@ class Resolver:
         self.defs = defs
         self._locator = Locator(defs.files)
         self._rendered: dict[tuple, DesiredComponent] = {}
+        self._uses_cluster: dict[tuple, bool] = {}
+        self._workspace_cache: dict[str, DesiredWorkspace] = {}
         self._protected = {c for p in defs.policies.values() for c in p.spec.protected_components}
 
     # ------------------------------------------------------------------ public
@@ -298,11 +300,16 @@ class Resolver:
         return set(comp.spec.depends_on)
 
     def _render(self, comp: Component, btype: str, values: dict, ctx: dict, protected: bool) -> DesiredComponent:
-        key = (comp.metadata.name, btype, canonical_hash(values), canonical_hash(ctx), protected)
+        source = translate.source_of(comp, btype)
+        vkey = canonical_hash(values)
+        ukey = (comp.metadata.name, btype, vkey)
+        uses = self._uses_cluster.get(ukey)
+        if uses is None:
+            uses = self._uses_cluster[ukey] = render.uses_cluster(comp, source, values)
+        key = (comp.metadata.name, btype, vkey, canonical_hash(ctx) if uses else None, protected)
         hit = self._rendered.get(key)
         if hit is not None:
             return hit
-        source = translate.source_of(comp, btype)
         ckey = ("Component", (comp.metadata.name,))
         try:
             objects, addon = render.component_objects(comp, source, values, ctx)
@@ -327,9 +334,12 @@ class Resolver:
             team = self.defs.teams[name]
             if not placed(team, cluster):
                 continue
-            objects = render.workspace_objects(team, cluster.metadata.name)
-            out.append(DesiredWorkspace(team=name, namespaces=[n.name for n in team.spec.namespaces], objects=objects,
-                                        hash=canonical_hash(objects)))
+            ws = self._workspace_cache.get(name)
+            if ws is None:
+                objects = render.workspace_objects(team)
+                ws = self._workspace_cache[name] = DesiredWorkspace(
+                    team=name, namespaces=[n.name for n in team.spec.namespaces], objects=objects, hash=canonical_hash(objects))
+            out.append(ws)
         return out
 
 

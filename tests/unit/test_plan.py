@@ -1,0 +1,106 @@
+import pytest
+
+from models.desired import FieldDrift, ObservedCluster, ObservedComponent, ObservedNodePool, ObservedWorkspace, observed_from
+from models.load import load
+from models.plan import plan
+from models.resolve import resolve
+
+from .conftest import edit
+
+
+@pytest.fixture()
+def dev(example_defs):
+    return resolve(example_defs, "dc1-web-dev")
+
+
+def actions(p):
+    return [(s.action, s.object) for s in p.steps]
+
+
+def test_converged_cluster_has_empty_plan(example_defs):
+    for name in example_defs.clusters:
+        d = resolve(example_defs, name)
+        assert plan(d, observed_from(d)).empty
+
+
+def test_create_from_nothing_in_order(dev):
+    p = plan(dev, ObservedCluster(name=dev.name))
+    a = [s.action for s in p.steps]
+    assert a[:3] == ["infrastructure.ensure", "controlPlane.create", "nodePool.create"]
+    comps = [s.object for s in p.steps if s.action == "component.install"]
+    assert comps == [c.name for c in dev.components]
+    assert a[-1] == "workspace.create"
+    assert all(s.reason for s in p.steps)
+    assert len({s.id for s in p.steps}) == len(p.steps)
+
+
+def test_scale(dev):
+    obs = observed_from(dev).model_copy(update={"node_pools": {"general": ObservedNodePool(replicas=3, min_size=1, max_size=4, version="1.20", machine=dev.node_pools[0].machine)}})
+    p = plan(dev, obs)
+    assert actions(p) == [("nodePool.scale", "general")]
+    assert p.steps[0].params["replicas"] == 1 and "is 3 (1..4), wants 1 (1..4)" in p.steps[0].reason
+
+
+def _with_version(example_files, name, version):
+    files = edit(example_files, "clusters/vsphere.yaml", "variables: {environment: dev, workers: 1, workerSize: small}",
+                 f'variables: {{environment: dev, workers: 1, workerSize: small, kubernetesVersion: "{version}"}}')
+    return resolve(load(files), name)
+
+
+def test_upgrade_one_minor_at_a_time_control_plane_first(example_files):
+    base = resolve(load(example_files), "dc1-web-dev")
+    target = _with_version(example_files, "dc1-web-dev", "1.22")
+    p = plan(target, observed_from(base))
+    assert actions(p) == [("controlPlane.upgrade", "dc1-web-dev"), ("nodePool.upgrade", "general"),
+                          ("controlPlane.upgrade", "dc1-web-dev"), ("nodePool.upgrade", "general")]
+    assert [s.params["version"] for s in p.steps] == ["1.21", "1.21", "1.22", "1.22"]
+    assert p.steps[0].id != p.steps[2].id
+
+
+def test_upgrade_refused_when_a_component_does_not_support_target(example_files):
+    base = resolve(load(example_files), "dc1-web-dev")
+    target = _with_version(example_files, "dc1-web-dev", "1.31")
+    p = plan(target, observed_from(base))
+    assert p.refused and not any(s.action.endswith("upgrade") for s in p.steps)
+    assert "vsphere-csi 3.1.2 supports Kubernetes 1.20..1.30, not 1.31" in p.refused[0]
+
+
+def test_downgrade_refused(example_files):
+    base = _with_version(example_files, "dc1-web-dev", "1.21")
+    target = resolve(load(example_files), "dc1-web-dev")
+    p = plan(target, observed_from(base))
+    assert p.refused == ["downgrade from Kubernetes 1.21 to 1.20 is not supported"]
+
+
+def test_interrupted_upgrade_finishes_node_pools(dev):
+    obs = observed_from(dev)
+    pools = {"general": obs.node_pools["general"].model_copy(update={"version": "1.19"})}
+    p = plan(dev, obs.model_copy(update={"node_pools": pools}))
+    assert actions(p) == [("nodePool.upgrade", "general")]
+
+
+def test_component_upgrade_drift_and_values(dev):
+    obs = observed_from(dev)
+    comps = dict(obs.components)
+    comps["ingress-nginx"] = ObservedComponent(version="1.9.0", hash="x")
+    comps["metallb"] = comps["metallb"].model_copy(update={"drift": [FieldDrift(path="ConfigMap/metallb-system/metallb-settings.data.mode", desired="l2", observed="bgp")]})
+    comps["gatekeeper"] = comps["gatekeeper"].model_copy(update={"hash": "old"})
+    p = plan(dev, obs.model_copy(update={"components": comps}))
+    assert actions(p) == [("component.configure", "gatekeeper"), ("component.upgrade", "ingress-nginx"), ("component.configure", "metallb")]
+    assert "data.mode: desired 'l2', observed 'bgp'" in p.steps[2].reason
+
+
+def test_only_observed_owned_things_are_removed(dev):
+    obs = observed_from(dev)
+    comps = dict(obs.components, oldthing=ObservedComponent(version="1.0.0"))
+    ws = dict(obs.workspaces, formerteam=ObservedWorkspace(hash="h"))
+    pools = dict(obs.node_pools, legacy=ObservedNodePool(replicas=1, min_size=1, max_size=1))
+    p = plan(dev, obs.model_copy(update={"components": comps, "workspaces": ws, "node_pools": pools}))
+    assert actions(p) == [("workspace.remove", "formerteam"), ("component.remove", "oldthing"), ("nodePool.delete", "legacy")]
+
+
+def test_workspace_drift(dev):
+    obs = observed_from(dev)
+    ws = {"payments": ObservedWorkspace(hash=dev.workspaces[0].hash, drift=[FieldDrift(path="ResourceQuota/payments/team-quota", desired="present", observed="missing")])}
+    p = plan(dev, obs.model_copy(update={"workspaces": ws}))
+    assert actions(p) == [("workspace.update", "payments")]
