@@ -171,7 +171,7 @@ def _stop(name: str, timeout: float) -> bool:
 
 
 def cmd_start(a: argparse.Namespace, restart: bool = False) -> int:
-    argv = a.argv[1:] if a.argv and a.argv[0] == "--" else a.argv
+    argv = a.argv
     if not argv:
         print(f"failed {a.name}: no command given (use: start NAME -- ARGV...)")
         return 2
@@ -199,8 +199,9 @@ def cmd_start(a: argparse.Namespace, restart: bool = False) -> int:
         elif time.time() >= deadline:
             break
         if a.wait_port and time.time() >= deadline:
-            print(f"failed {a.name}: {a.wait_port} did not open within {a.wait}s; log "
-                  f"{_logfile(a.name)}:\n{_tail(_logfile(a.name))}")
+            _stop(a.name, a.timeout)
+            print(f"failed {a.name}: {a.wait_port} did not open within {a.wait}s (stopped "
+                  f"it again); log {_logfile(a.name)}:\n{_tail(_logfile(a.name))}")
             return 1
         time.sleep(0.05)
     print(f"{word} {a.name} pid={pid}")
@@ -236,19 +237,24 @@ def cmd_list(_: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:  # everything after the first "--" is the command, untouched
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(prog="fw-supervise", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for c in ("start", "restart"):
-        p = sub.add_parser(c)
+        p = sub.add_parser(c, usage=f"fw-supervise {c} NAME [options] -- ARGV...")
         p.add_argument("name")
         p.add_argument("--chdir")
         p.add_argument("--env", action="append", default=[], metavar="K=V")
         p.add_argument("--wait-port", metavar="HOST:PORT",
                        help="wait until this TCP port accepts connections")
-        p.add_argument("--wait", type=float, default=0.3,
-                       help="seconds to watch for an early exit (or the port timeout)")
+        p.add_argument("--wait", type=float, default=None,
+                       help="seconds to watch for an early exit (default 0.3), or the "
+                            "port timeout with --wait-port (default 30)")
         p.add_argument("--timeout", type=float, default=10.0, help="stop timeout on restart")
-        p.add_argument("argv", nargs=argparse.REMAINDER)
     p = sub.add_parser("stop")
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=10.0)
@@ -256,12 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     sub.add_parser("list")
     a = ap.parse_args(argv)
-    if a.cmd in ("start", "restart") and a.wait_port and a.wait == 0.3:
-        a.wait = 30.0
-    if a.cmd == "start":
-        return cmd_start(a)
-    if a.cmd == "restart":
-        return cmd_start(a, restart=True)
+    if a.cmd in ("start", "restart"):
+        a.argv = command
+        if a.wait is None:
+            a.wait = 30.0 if a.wait_port else 0.3
+        return cmd_start(a, restart=a.cmd == "restart")
     if a.cmd == "stop":
         return cmd_stop(a)
     if a.cmd == "status":
