@@ -40,6 +40,7 @@ class Definitions:
     policies: dict[str, Policy] = field(default_factory=dict)
     refs: dict[tuple[str, ...], DocRef] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict, repr=False)
+    resolved: dict = field(default_factory=dict, repr=False)  # DesiredCluster by name, filled by validation
 
     def model(self, ref: str) -> ClusterModel | None:
         name, _, version = ref.partition("@")

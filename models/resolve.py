@@ -33,13 +33,17 @@ class Resolver:
     def __init__(self, defs: Definitions):
         self.defs = defs
         self._locator = Locator(defs.files)
-        self._rendered: dict[tuple, DesiredComponent] = {}
-        self._uses_cluster: dict[tuple, bool] = {}
+        self._templates: dict[tuple, tuple] = {}
+        self._candidates: dict[tuple[str, str], list[str]] = {}
         self._workspace_cache: dict[str, DesiredWorkspace] = {}
+        self._dep_cache: dict[tuple[str, str], set[str]] = {}
         self._protected = {c for p in defs.policies.values() for c in p.spec.protected_components}
 
     # ------------------------------------------------------------------ public
     def resolve(self, name: str) -> DesiredCluster:
+        hit = self.defs.resolved.get(name)
+        if hit is not None:
+            return hit
         try:
             return self._resolve(self.defs.clusters[name])
         except _Fail as f:
@@ -48,11 +52,14 @@ class Resolver:
     def problems(self) -> list[Problem]:
         """Resolve every cluster and return the problems found (used by validation)."""
         out = []
+        done = {}
         for name in sorted(self.defs.clusters):
             try:
-                self._resolve(self.defs.clusters[name])
+                done[name] = self._resolve(self.defs.clusters[name])
             except _Fail as f:
                 out.append(self._problem(f))
+        if not out:
+            self.defs.resolved.update(done)
         return out
 
     def _problem(self, f: _Fail) -> Problem:
@@ -85,7 +92,7 @@ class Resolver:
 
         cp_replicas = spec.overrides.control_plane_replicas or int(sub(mspec.control_plane.replicas, ("spec", "controlPlane", "replicas")))
         cp_size = str(sub(mspec.control_plane.size, ("spec", "controlPlane", "size")))
-        control_plane = DesiredControlPlane(replicas=cp_replicas, size=cp_size,
+        control_plane = DesiredControlPlane.model_construct(replicas=cp_replicas, size=cp_size,
                                             machine=translate.machine(btype, cp_size, None, backend))
 
         overrides = {o.name: (i, o) for i, o in enumerate(spec.overrides.node_pools)}
@@ -114,7 +121,7 @@ class Resolver:
                 raise _Fail(*where[0], where[1] + ("replicas",), f"must be between minSize and maxSize ({mn}..{mx}), got {replicas}")
             if size not in translate.SIZES:
                 raise _Fail(*where[0], where[1] + ("size",), f"unknown size {size!r}; one of {sorted(translate.SIZES)}")
-            pools.append(DesiredNodePool(name=p.name, replicas=replicas, min_size=mn, max_size=mx, size=size,
+            pools.append(DesiredNodePool.model_construct(name=p.name, replicas=replicas, min_size=mn, max_size=mx, size=size,
                                          machine=translate.machine(btype, size, p.name, backend),
                                          labels=p.labels, taints=p.taints))
         if btype == "aws":
@@ -135,7 +142,7 @@ class Resolver:
             "nodePools": [p.model_dump(mode="json") for p in pools], "machines": [m.model_dump(mode="json") for m in machines],
             "components": [c.hash for c in components], "workspaces": [w.hash for w in workspaces],
         }
-        return DesiredCluster(
+        return DesiredCluster.model_construct(
             name=cname, labels=labels, model=model.metadata.name, model_version=model.metadata.version,
             drift_mode=spec.drift_mode, protected=labels.get(_PROTECTED_LABEL) == "true", owner=spec.owner,
             backend=backend, kubernetes_version=version, control_plane=control_plane, node_pools=pools,
@@ -177,13 +184,13 @@ class Resolver:
                             f"has {max(size, 0)} addresses, but the control plane and node pools (at maxSize) need {need}")
             out, cursor = [], int(start)
             for i in range(cp.replicas):
-                out.append(Machine(name=f"{name}-cp-{i}", role="controlPlane", address=str(ipaddress.IPv4Address(cursor + i)),
+                out.append(Machine.model_construct(name=f"{name}-cp-{i}", role="controlPlane", address=_ip(cursor + i),
                                    cpu=cp.machine.get("cpu"), memory_mib=cp.machine.get("memoryMiB")))
             cursor += cp.replicas
             for p in pools:  # each pool owns a block of maxSize addresses, so scaling never moves a machine
                 for i in range(p.replicas):
-                    out.append(Machine(name=f"{name}-{p.name}-{i}", role="worker", pool=p.name,
-                                       address=str(ipaddress.IPv4Address(cursor + i)),
+                    out.append(Machine.model_construct(name=f"{name}-{p.name}-{i}", role="worker", pool=p.name,
+                                       address=_ip(cursor + i),
                                        cpu=p.machine.get("cpu"), memory_mib=p.machine.get("memoryMiB")))
                 cursor += p.max_size
             return out
@@ -192,14 +199,14 @@ class Resolver:
             if len(cps) < cp.replicas:
                 raise _Fail(*ckey, ("spec", "backend", "hosts"),
                             f"the control plane needs {cp.replicas} hosts with role controlPlane; {len(cps)} listed")
-            out = [Machine(name=h.name, role="controlPlane", address=h.address) for h in cps[: cp.replicas]]
+            out = [Machine.model_construct(name=h.name, role="controlPlane", address=h.address) for h in cps[: cp.replicas]]
             first = pools[0].name
             for p in pools:
                 hosts = [h for h in backend.hosts if h.role == "worker" and (h.pool or first) == p.name]
                 if len(hosts) < p.replicas:
                     raise _Fail(*ckey, ("spec", "backend", "hosts"),
                                 f"node pool {p.name!r} needs {p.replicas} worker hosts; {len(hosts)} listed")
-                out += [Machine(name=h.name, role="worker", pool=p.name, address=h.address) for h in hosts[: p.replicas]]
+                out += [Machine.model_construct(name=h.name, role="worker", pool=p.name, address=h.address) for h in hosts[: p.replicas]]
             return out
         return []
 
@@ -214,7 +221,10 @@ class Resolver:
 
         for cap, req in model.spec.capabilities.items():
             chosen = req.prefer.get(btype)
-            candidates = [c.metadata.name for c in self.defs.components.values() if cap in translate.provides(c, btype)]
+            candidates = self._candidates.get((cap, btype))
+            if candidates is None:
+                candidates = self._candidates[(cap, btype)] = sorted(
+                    c.metadata.name for c in self.defs.components.values() if cap in translate.provides(c, btype))
             if chosen:
                 comp = self.defs.components.get(chosen)
                 if comp is None or cap not in translate.provides(comp, btype):
@@ -263,13 +273,7 @@ class Resolver:
             if comp is None:
                 k, loc = reasons[name]
                 raise _Fail(*k, loc, f"no Component {name!r}")
-            deps = list(comp.spec.depends_on)
-            if translate.source_of(comp, btype).kind() == "helm":
-                flux = [c.metadata.name for c in self.defs.components.values() if "gitops" in translate.provides(c, btype)]
-                if not flux:
-                    raise _Fail("Component", (name,), ("spec", "source", "helm"),
-                                f"a Helm source is installed as a Flux HelmRelease, and no component provides gitops on {btype}")
-                deps.append(flux[0])
+            deps = self._deps(name, btype)
             for dep in deps:
                 if dep not in self.defs.components:
                     raise _Fail("Component", (name,), ("spec", "dependsOn"), f"no Component {dep!r}")
@@ -281,52 +285,65 @@ class Resolver:
                 k, loc = reasons[name]
                 raise _Fail(*k, loc, f"component {name!r} is not available on {btype}")
 
-        order = _toposort({n: self._deps(self.defs.components[n], btype) & set(wanted) for n in wanted})
+        names = set(wanted)
+        order = _toposort({n: self._deps(n, btype) & names for n in wanted})
         if order is None:
             raise _Fail(*ckey, ("spec",), f"components have a dependency cycle among {sorted(wanted)}")
         ctx = {"name": cluster.metadata.name, "labels": dict(cluster.metadata.labels), "backend": btype,
                "kubernetesVersion": version}
         out = []
         for name in order:
-            comp = self.defs.components[name]
-            values = translate.values(comp, btype)
-            for layer in wanted[name]:
-                values = deep_merge(values, layer)
-            out.append(self._render(comp, btype, values, ctx, name in self._protected))
+            out.append(self._render(self.defs.components[name], btype, wanted[name], ctx, name in self._protected))
         return out
 
-    @staticmethod
-    def _deps(comp: Component, btype: str) -> set[str]:
-        return set(comp.spec.depends_on)
+    def _deps(self, name: str, btype: str) -> set[str]:
+        """What ``name`` needs installed first on ``btype``: its dependsOn, plus Flux for a Helm source."""
+        key = (name, btype)
+        deps = self._dep_cache.get(key)
+        if deps is None:
+            comp = self.defs.components[name]
+            deps = set(comp.spec.depends_on)
+            if translate.source_of(comp, btype).kind() == "helm":
+                flux = sorted(c.metadata.name for c in self.defs.components.values() if "gitops" in translate.provides(c, btype))
+                if not flux:
+                    raise _Fail("Component", (name,), ("spec", "source", "helm"),
+                                f"a Helm source is installed as a Flux HelmRelease, and no component provides gitops on {btype}")
+                deps.add(flux[0])
+            deps = self._dep_cache[key] = deps
+        return deps
 
-    def _render(self, comp: Component, btype: str, values: dict, ctx: dict, protected: bool) -> DesiredComponent:
-        source = translate.source_of(comp, btype)
-        vkey = canonical_hash(values)
-        ukey = (comp.metadata.name, btype, vkey)
-        uses = self._uses_cluster.get(ukey)
-        if uses is None:
-            uses = self._uses_cluster[ukey] = render.uses_cluster(comp, source, values)
-        key = (comp.metadata.name, btype, vkey, canonical_hash(ctx) if uses else None, protected)
-        hit = self._rendered.get(key)
-        if hit is not None:
-            return hit
-        ckey = ("Component", (comp.metadata.name,))
+    def _render(self, comp: Component, btype: str, layers: list[dict], ctx: dict, protected: bool) -> DesiredComponent:
+        name = comp.metadata.name
+        key = (name, btype, repr(layers), protected)  # a cache key only: equal content may miss, never mismatch
+        entry = self._templates.get(key)
+        if entry is None:
+            values = translate.values(comp, btype)
+            for layer in layers:
+                values = deep_merge(values, layer)
+            source = translate.source_of(comp, btype)
+            try:
+                tpl = render.prepare(comp, source, values)
+            except render.RenderError as e:
+                impl = comp.spec.backends.get(btype)
+                src_loc = ("spec", "backends", btype, "source") if impl is not None and impl.source else ("spec", "source")
+                raise _Fail("Component", (name,), src_loc + e.loc, e.message) from None
+            base_hash = canonical_hash({"name": name, "version": comp.spec.version, "objects": tpl.objects,
+                                        "addon": tpl.addon, "values": tpl.values})
+            common = dict(name=name, version=comp.spec.version, namespace=comp.spec.namespace,
+                          provides=sorted(translate.provides(comp, btype)), depends_on=sorted(self._deps(name, btype)),
+                          source=tpl.key, target="infrastructure" if tpl.key == "eksAddon" else "kubernetes",
+                          addon=tpl.addon, k8s_min=comp.spec.kubernetes.min, k8s_max=comp.spec.kubernetes.max,
+                          protected=protected)
+            shared = None if tpl.holes else DesiredComponent.model_construct(objects=tpl.objects, values=tpl.values, hash=base_hash, **common)
+            entry = self._templates[key] = (tpl, base_hash, common, shared)
+        tpl, base_hash, common, shared = entry
+        if shared is not None:
+            return shared
         try:
-            objects, addon = render.component_objects(comp, source, values, ctx)
+            objects, vals, filled = tpl.finish(ctx)
         except render.RenderError as e:
-            src_loc = ("spec", "backends", btype, "source") if comp.spec.backends.get(btype) and comp.spec.backends[btype].source else ("spec", "source")
-            raise _Fail(*ckey, src_loc + e.loc, e.message) from None
-        kind = source.kind()
-        data = {"name": comp.metadata.name, "version": comp.spec.version, "objects": objects, "addon": addon, "values": values}
-        dc = DesiredComponent(
-            name=comp.metadata.name, version=comp.spec.version, namespace=comp.spec.namespace,
-            provides=sorted(translate.provides(comp, btype)), depends_on=sorted(comp.spec.depends_on),
-            source=kind, target="infrastructure" if kind == "eksAddon" else "kubernetes",
-            values=values, objects=objects, addon=addon, k8s_min=comp.spec.kubernetes.min,
-            k8s_max=comp.spec.kubernetes.max, protected=protected, hash=canonical_hash(data),
-        )
-        self._rendered[key] = dc
-        return dc
+            raise _Fail("Component", (name,), ("spec",), e.message) from None
+        return DesiredComponent.model_construct(objects=objects, values=vals, hash=canonical_hash([base_hash, filled]), **common)
 
     def _workspaces(self, cluster: Cluster) -> list[DesiredWorkspace]:
         out = []
@@ -341,6 +358,10 @@ class Resolver:
                     team=name, namespaces=[n.name for n in team.spec.namespaces], objects=objects, hash=canonical_hash(objects))
             out.append(ws)
         return out
+
+
+def _ip(n: int) -> str:
+    return f"{n >> 24 & 255}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
 
 
 def placed(team, cluster: Cluster) -> bool:

@@ -27,7 +27,8 @@ def test_helm_component_becomes_flux_helmrelease_and_pulls_in_flux(example_defs)
     assert kinds == ["Namespace", "HelmRepository", "HelmRelease"]
     rel = lbc.objects[2]
     assert rel["spec"]["values"]["clusterName"] == "us-web-staging"
-    assert names(d).index("flux") < names(d).index("aws-load-balancer-controller") or "flux" in names(d)
+    assert names(d).index("flux") < names(d).index("aws-load-balancer-controller")
+    assert lbc.depends_on == ["flux"]
 
 
 def test_variants_defaults_and_overrides(example_defs):
