@@ -1,0 +1,88 @@
+"""The contract every backend implements (see backends/CONTRACT.md), and what they share.
+
+Flows and tasks talk to backends only through these types. They never branch
+on a backend's name: ``backends.registry`` picks the infrastructure backend by
+the type of the cluster's backend spec, and every in-cluster step goes to the
+``kube`` backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from models.desired import DesiredCluster, ObservedCluster
+from models.plan import Step
+
+OWNER_KEY = "fleetwright.io/owned-by"  # AWS tag key / vSphere custom attribute name
+OWNER_VALUE = "fleetwright"
+CLUSTER_KEY = "fleetwright.io/cluster"  # AWS tag key / vSphere custom attribute name
+FIELD_MANAGER = "fleetwright"  # Kubernetes server-side-apply field manager
+
+
+@dataclass(frozen=True)
+class KubeAccess:
+    """How to reach a cluster's Kubernetes API. ``token`` is a secret: never log it."""
+
+    server: str
+    token: str | None = None
+    ca_file: str | None = None
+    ca_data: str | None = None  # base64 PEM, as in a kubeconfig
+    insecure: bool = False
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+
+    def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
+        return f"KubeAccess(server={self.server!r}, token={'***' if self.token else None})"
+
+
+@dataclass
+class StepResult:
+    """What applying one step did. ``changed`` is False when the step found nothing to do."""
+
+    step_id: str
+    changed: bool
+    detail: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class InfrastructureBackend(Protocol):
+    """Makes and changes the cluster itself: network, control plane, node pools, infrastructure add-ons."""
+
+    kind: str
+
+    def observe(self, desired: DesiredCluster) -> ObservedCluster:
+        """Read-only: what exists, found by recorded ID or by deterministic name plus ownership mark."""
+
+    def apply(self, desired: DesiredCluster, step: Step) -> StepResult:
+        """Carry out one ``target == "infrastructure"`` step. Idempotent; safe to repeat after a crash."""
+
+    def delete(self, desired: DesiredCluster) -> StepResult:
+        """Delete everything of this cluster that is marked as ours. Already gone is success."""
+
+    def kube_access(self, desired: DesiredCluster) -> KubeAccess:
+        """Credentials for the Kubernetes API of the cluster this backend made."""
+
+
+@runtime_checkable
+class ClusterBackend(Protocol):
+    """Works inside a cluster: components and team workspaces."""
+
+    def observe(self, desired: DesiredCluster) -> ObservedCluster:
+        ...
+
+    def apply(self, desired: DesiredCluster, step: Step) -> StepResult:
+        ...
+
+    def delete(self, desired: DesiredCluster) -> StepResult:
+        ...
+
+
+def merge_observations(infra: ObservedCluster, inside: ObservedCluster | None) -> ObservedCluster:
+    """One observation from the infrastructure's and the cluster's (in-cluster wins for kubernetes components)."""
+    if inside is None:
+        return infra
+    components = {**infra.components, **inside.components}
+    return infra.model_copy(update={"components": components, "workspaces": inside.workspaces,
+                                    "in_flight": list(infra.in_flight) + list(inside.in_flight),
+                                    "reachable": infra.reachable and inside.reachable})
