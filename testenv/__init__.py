@@ -95,6 +95,7 @@ def up(cfg: Config, strict: bool | None = None) -> dict[str, Any]:
         strict = tuple(cfg.only) != PARTS
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     doc = {**read_env(cfg), **_base_doc(cfg)}
+    _prebuild(cfg)
     for part in cfg.only:
         try:
             mod = load_part(part)
@@ -109,6 +110,28 @@ def up(cfg: Config, strict: bool | None = None) -> dict[str, Any]:
         _write_env(cfg, doc)
     _write_env(cfg, doc)
     return doc
+
+
+def _prebuild(cfg: Config) -> None:
+    """Build the small parts (vcsim) in the background while the big one (kube) builds."""
+    import threading
+
+    if "kube" not in cfg.only or "vsphere" not in cfg.only:
+        return
+    try:
+        from testenv import kube, vcsim
+    except ImportError:
+        return
+    if kube._built(cfg) or os.access(vcsim.binary(cfg), os.X_OK):
+        return
+
+    def build() -> None:
+        try:
+            vcsim.build(cfg)
+        except Exception as e:  # noqa: BLE001 - vcsim.up builds (and reports) again
+            progress(f"background vcsim build failed: {e}")
+
+    threading.Thread(target=build, name="vcsim-build", daemon=True).start()
 
 
 def down(cfg: Config, only: Iterable[str] | None = None) -> dict[str, Any]:

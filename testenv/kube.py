@@ -471,12 +471,16 @@ def api_client(info: dict[str, Any]):
 def up(cfg: Config) -> dict[str, Any]:
     """Build if needed, start etcd and ``cfg.kube_clusters`` control planes (mgmt, workload-1, ...).
 
-    Control planes made earlier on demand are started again too. Returns the JSON section.
+    Control planes made on demand (``ensure_control_plane``) are listed too while they run; they
+    are not started again here. Returns the JSON section.
     """
     build(cfg)
     names = default_cluster_names(cfg.kube_clusters)
-    names += [n for n in list_control_planes(cfg) if n not in names]
     clusters = {n: ensure_control_plane(cfg, n) for n in names}
+    states = _cluster_states(cfg)
+    for n in list_control_planes(cfg):
+        if n not in clusters and is_running(f"kube-{n}-apiserver", cfg):
+            clusters[n] = _cp_info(cfg, n, states[n])
     return {"binaries": binaries(cfg), "etcd": {"url": _etcd_url(cfg)}, "clusters": clusters}
 
 

@@ -72,13 +72,14 @@ class _Env:
         if part in self.failures:
             pytest.fail(self.failures[part], pytrace=False)
         before = self._alive()
+        section = None
         try:
             section = testenv.up_part(self.cfg, part)
         except Exception as e:  # noqa: BLE001
-            log_hint = f" (logs: {self.cfg.log_dir})"
             self.failures[part] = (f"test environment part {part!r} could not start: "
-                                   f"{type(e).__name__}: {e}{log_hint}\n"
+                                   f"{type(e).__name__}: {e} (logs: {self.cfg.log_dir})\n"
                                    f"try: .venv/bin/fleetwright testenv up --only {part}")
+        if section is None:
             pytest.fail(self.failures[part], pytrace=False)
         if self._alive() - before:
             self.owned.append(part)
@@ -124,10 +125,13 @@ def kube_factory(_testenv: _Env, kube_cluster: dict[str, Any]) -> Callable[..., 
 
     def make(name: str | None = None) -> dict[str, Any]:
         name = name or f"t-{secrets.token_hex(3)}"
+        info, error = None, ""
         try:
             info = kube.ensure_control_plane(_testenv.cfg, name)
         except Exception as e:  # noqa: BLE001
-            pytest.fail(f"could not start control plane {name!r}: {type(e).__name__}: {e}", pytrace=False)
+            error = f"could not start control plane {name!r}: {type(e).__name__}: {e}"
+        if info is None:
+            pytest.fail(error, pytrace=False)
         if name not in made:
             made.append(name)
         return dict(info)
