@@ -506,6 +506,7 @@ def status(cfg: Config) -> dict[str, Any]:
     et = _etcd_state(cfg)
     etcd_pid = read_pid("kube-etcd", cfg)
     return {
+        "running": etcd_pid is not None,
         "binaries": binaries(cfg),
         "built": _built(cfg),
         "etcd": {"url": f"http://127.0.0.1:{et['client_port']}" if et else None, "running": etcd_pid is not None,
