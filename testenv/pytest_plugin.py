@@ -2,7 +2,9 @@
 
 Session fixtures start only the part a test needs (idempotent ``up``) and FAIL (never skip)
 with a clear message when it cannot start. Parts this session had to start are stopped at
-session end; parts already running (``fleetwright testenv up``) are reused and left alone.
+session end (by the last of several concurrent sessions sharing the state dir); parts already
+running (``fleetwright testenv up``) are reused and left alone. Concurrent sessions should
+rather use different ``FLEETWRIGHT_TESTENV_DIR``s: ``aws_env`` resets the shared moto.
 ``FLEETWRIGHT_TESTENV_KEEP=1`` keeps everything running after the session (faster reruns).
 
 Fixtures
@@ -29,7 +31,7 @@ from typing import Any, Callable
 import pytest
 
 import testenv
-from testenv.common import Config, read_pid
+from testenv.common import Config, _proc_start_time, file_lock, read_pid
 
 _KEEP = os.environ.get("FLEETWRIGHT_TESTENV_KEEP", "").lower() in ("1", "true", "yes")
 
@@ -86,14 +88,43 @@ class _Env:
         self.sections[part] = section
         return section
 
+    # Concurrent pytest sessions sharing one state dir: each registers itself; the parts any
+    # session had to start are recorded, and the LAST session to finish stops them.
+    def _sessions(self) -> Path:
+        d = self.cfg.state_dir / "pytest-sessions"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def register(self) -> None:
+        with file_lock(self.cfg.path("pytest-sessions.lock")):
+            (self._sessions() / str(os.getpid())).write_text(str(_proc_start_time(os.getpid())))
+
     def teardown(self) -> None:
-        if _KEEP:
-            return
-        for part in reversed(self.owned):
+        with file_lock(self.cfg.path("pytest-sessions.lock")):
+            d = self._sessions()
+            owned_file = d / "owned.json"
             try:
-                testenv.load_part(part).down(self.cfg)
-            except Exception as e:  # noqa: BLE001
-                print(f"testenv: {part} down failed: {e}")
+                owned = json.loads(owned_file.read_text())
+            except (OSError, ValueError):
+                owned = []
+            owned += [p for p in self.owned if p not in owned]
+            (d / str(os.getpid())).unlink(missing_ok=True)
+            others = []
+            for f in d.iterdir():
+                if f.name.isdigit():
+                    if _proc_start_time(int(f.name)) == f.read_text():
+                        others.append(f.name)
+                    else:
+                        f.unlink(missing_ok=True)  # a session that died
+            if others or _KEEP:
+                owned_file.write_text(json.dumps(owned))
+                return
+            owned_file.unlink(missing_ok=True)
+            parts = [p for p in testenv.PARTS if p in owned]
+            if parts:
+                errors = testenv.down(self.cfg, parts)["errors"]
+                for part, err in errors.items():
+                    print(f"testenv: {part} down failed: {err}")
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +135,7 @@ def testenv_config() -> Config:
 @pytest.fixture(scope="session")
 def _testenv(testenv_config: Config):
     env = _Env(testenv_config)
+    env.register()
     yield env
     env.teardown()
 
