@@ -154,3 +154,36 @@ def _protected(old: DesiredCluster, new: DesiredCluster) -> list[Denial]:
 def _semver(v: str) -> tuple:
     core = v.split("-")[0].split("+")[0]
     return tuple(int(x) for x in core.split("."))
+
+
+ACTIONS = ("create", "upgrade", "add_component", "onboard_team", "reconcile", "decommission")
+
+
+def authorize(defs: Definitions, actor: Actor, action: str, cluster: str | None = None,
+              team: str | None = None, component: str | None = None) -> Verdict:
+    """May ``actor`` start ``action`` on this cluster (or for this team)? Checked before anything changes.
+
+    Rules: ``platform-all``; ``platform-only-action`` (decommission, and anything on a cluster with no
+    owner); ``cluster-owner-only``; ``own-workspace-only`` (onboard_team); ``protected-component``
+    (add_component of a protected component).
+    """
+    if actor.platform:
+        return Verdict(actor.name, True, "platform-all")
+    denials: list[Denial] = []
+    protected = {c for p in defs.policies.values() for c in p.spec.protected_components}
+    if action == "decommission":
+        denials.append(Denial("platform-only-action", f"Cluster/{cluster}", "", "only the platform role may decommission a cluster"))
+    if action == "onboard_team" and team is not None and team not in actor.teams:
+        denials.append(Denial("own-workspace-only", f"Team/{team}", "", f"{actor.name} is not a member of team {team}"))
+    if action == "add_component" and component in protected:
+        denials.append(Denial("protected-component", f"Component/{component}", "",
+                              "only the platform role may roll out a protected standard component"))
+    if cluster is not None and action in ("create", "upgrade", "add_component", "reconcile"):
+        c = defs.clusters.get(cluster)
+        owner = c.spec.owner if c else None
+        if owner is None or owner not in actor.teams:
+            denials.append(Denial("cluster-owner-only", f"Cluster/{cluster}", "spec.owner",
+                                  f"{actor.name}'s teams ({', '.join(sorted(actor.teams)) or 'none'}) do not own this cluster"))
+    if denials:
+        return Verdict(actor.name, False, denials[0].rule, denials)
+    return Verdict(actor.name, True, "team-scope")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOWED_IN_MODELS = {"__future__", "typing", "dataclasses", "enum", "re", "ipaddress", "hashlib", "json", "copy",
-                     "string", "pydantic", "yaml", "itertools", "functools", "collections"}
+                     "string", "pydantic", "yaml", "itertools", "functools", "collections", "math"}
 FORBIDDEN_CALLS = {"open", "exec", "eval", "__import__"}
 
 
