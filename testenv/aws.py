@@ -100,6 +100,8 @@ def up(cfg: Config | None = None) -> dict[str, Any]:
             argv += ["--update-seconds", str(opts["update_seconds"])]
         if "addon_seconds" in opts:
             argv += ["--addon-seconds", str(opts["addon_seconds"])]
+        if "create_seconds" in opts:
+            argv += ["--create-seconds", str(opts["create_seconds"])]
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
                                      if p)
         env = {"PYTHONPATH": pythonpath}

@@ -24,7 +24,9 @@ Control endpoints, under ``/fleetwright-testenv/`` (JSON in and out):
   moto's own ``POST /moto-api/reset`` also clears the update/add-on tables.
 * ``POST faults`` with a spec (see ``FaultSpec``) -> ``{"id": ...}``; ``GET faults`` lists them
   with counters; ``DELETE faults`` removes all of them (``DELETE faults/<id>`` one).
-* ``GET settings`` / ``POST settings`` ``{"update_seconds": 0.5, "addon_seconds": 0.5}``.
+* ``GET settings`` / ``POST settings`` ``{"update_seconds": 0.5, "addon_seconds": 0.5,
+  "create_seconds": 0}``; with ``create_seconds`` > 0 new clusters and node groups are
+  ``CREATING`` that long before ``ACTIVE`` (default 0: ACTIVE at once, as in plain moto).
 * ``GET calls`` -> counts of calls per ``service:Action`` seen by the server; ``DELETE calls``.
 * ``POST endpoints`` ``{"cluster": "c1", "endpoint": "https://127.0.0.1:16443",
   "certificate_authority": "<base64>"}`` makes DescribeCluster report that (local,
@@ -47,7 +49,7 @@ from urllib.parse import parse_qs
 
 ROUTE_PREFIX = "/fleetwright-testenv/"
 
-SETTINGS: dict[str, float] = {"update_seconds": 1.0, "addon_seconds": 1.0}
+SETTINGS: dict[str, float] = {"update_seconds": 1.0, "addon_seconds": 1.0, "create_seconds": 0.0}
 DEFAULT_SETTINGS = dict(SETTINGS)
 
 _LOCK = threading.RLock()
@@ -59,6 +61,8 @@ ADDONS: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
 # cluster name -> {"endpoint": ..., "certificate_authority": ...}
 ENDPOINTS: dict[str, dict[str, str]] = {}
 FAULTS: list[dict[str, Any]] = []
+# clusters / node groups in CREATING: (due, object)
+PENDING: list[tuple[float, Any]] = []
 CALLS: dict[str, int] = {}
 
 ADDON_CATALOG = {
@@ -73,6 +77,7 @@ def _reset_tables() -> None:
     with _LOCK:
         UPDATES.clear()
         ADDONS.clear()
+        PENDING.clear()
 
 
 # --------------------------------------------------------------------------- EKS additions
@@ -447,13 +452,42 @@ def _install_eks_additions() -> None:
         with _LOCK:
             m = ENDPOINTS.get(name)
             c = self.eks_backend.clusters.get(name)
-            if m and c is not None:
-                c.endpoint = m["endpoint"]
-                if m.get("certificate_authority"):
-                    c.certificate_authority = {"data": m["certificate_authority"]}
+            if c is not None:
+                if not hasattr(c, "_fw_moto_endpoint"):
+                    c._fw_moto_endpoint = (c.endpoint, c.certificate_authority)
+                if m:
+                    c.endpoint = m["endpoint"]
+                    c.certificate_authority = ({"data": m["certificate_authority"]}
+                                               if m.get("certificate_authority")
+                                               else c._fw_moto_endpoint[1])
+                else:
+                    c.endpoint, c.certificate_authority = c._fw_moto_endpoint
             return orig_describe_cluster(self)
 
-    for fn in (update_cluster_version, update_nodegroup_version, update_nodegroup_config,
+    # -- creation: optionally CREATING for create_seconds (default 0: ACTIVE at once, as moto)
+    orig_create_cluster = EKSResponse.create_cluster
+    orig_create_nodegroup = EKSResponse.create_nodegroup
+
+    def create_cluster(self: Any) -> Any:
+        with _LOCK:
+            res = orig_create_cluster(self)
+            if SETTINGS["create_seconds"] > 0:
+                c = self.eks_backend.clusters[self._get_param("name")]
+                c.status = "CREATING"
+                PENDING.append((time.time() + SETTINGS["create_seconds"], c))
+            return res
+
+    def create_nodegroup(self: Any) -> Any:
+        with _LOCK:
+            res = orig_create_nodegroup(self)
+            if SETTINGS["create_seconds"] > 0:
+                c = self.eks_backend.clusters[self._get_param("name")]
+                ng = c.nodegroups[self._get_param("nodegroupName")]
+                ng.status = "CREATING"
+                PENDING.append((time.time() + SETTINGS["create_seconds"], ng))
+            return res
+
+    for fn in (create_cluster, create_nodegroup, update_cluster_version, update_nodegroup_version, update_nodegroup_config,
                update_cluster_config, describe_update, list_updates, create_addon,
                describe_addon, list_addons, update_addon, delete_addon,
                describe_addon_versions, describe_cluster):
@@ -476,6 +510,10 @@ def advance() -> None:
 
     now = time.time()
     with _LOCK:
+        for item in [p for p in PENDING if now >= p[0]]:
+            PENDING.remove(item)
+            if item[1].status == "CREATING":
+                item[1].status = "ACTIVE"
         for upd in UPDATES.values():
             for rec in upd.values():
                 if rec["status"] == "InProgress" and now >= rec["due"]:
@@ -747,11 +785,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=5000)
     ap.add_argument("--update-seconds", type=float, default=SETTINGS["update_seconds"])
     ap.add_argument("--addon-seconds", type=float, default=SETTINGS["addon_seconds"])
+    ap.add_argument("--create-seconds", type=float, default=SETTINGS["create_seconds"])
     args = ap.parse_args(argv)
     if not args.host.startswith("127."):
         ap.error("the test environment's AWS only listens on 127.0.0.0/8")
     SETTINGS["update_seconds"] = args.update_seconds
     SETTINGS["addon_seconds"] = args.addon_seconds
+    SETTINGS["create_seconds"] = args.create_seconds
     os.environ.setdefault("MOTO_PORT", str(args.port))
     _install_eks_additions()
 

@@ -13,7 +13,8 @@ AWS (served by ``testenv.aws_server``; see its docstring for the spec keys)::
     aws_reset(env)         # clean account (and no faults)
     aws_calls(env)         # {"eks:DescribeCluster": 3, ...}
     aws_settings(env, update_seconds=0.2, addon_seconds=0.2)
-    aws_map_endpoint(env, "c1", "https://127.0.1.11:6443", ca_b64)
+    aws_map_endpoint(env, "c1", "https://127.0.1.11:6443", ca_b64)   # DescribeCluster -> local API
+    aws_clear_endpoints(env)
 
 Hosts (``address`` is the host's 127.0.1.x address)::
 
@@ -87,6 +88,11 @@ def aws_map_endpoint(env: dict[str, Any], cluster: str, endpoint: str,
     """Make DescribeCluster of EKS cluster ``cluster`` report a local Kubernetes API."""
     return _call(env, "POST", "endpoints", {"cluster": cluster, "endpoint": endpoint,
                                             "certificate_authority": certificate_authority})
+
+
+def aws_clear_endpoints(env: dict[str, Any]) -> None:
+    """Forget every endpoint mapping: DescribeCluster reports moto's own values again."""
+    _call(env, "DELETE", "endpoints")
 
 
 # --------------------------------------------------------------------------- hosts

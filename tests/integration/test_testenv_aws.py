@@ -11,7 +11,8 @@ from botocore.exceptions import ClientError
 
 from testenv import aws
 from testenv.common import Config, read_pid
-from testenv.faults import (aws_calls, aws_clear_faults, aws_fault, aws_faults, aws_reset,
+from testenv.faults import (aws_calls, aws_clear_faults, aws_fault, aws_faults,
+                            aws_clear_endpoints, aws_map_endpoint, aws_reset,
                             aws_settings)
 
 pytestmark = pytest.mark.timeout(120)
@@ -205,6 +206,33 @@ def test_reset_gives_a_clean_account(env):
     assert client(env, "iam").list_roles()["Roles"] == []
     make_cluster(env)  # same names again: nothing is left over
     assert eks.list_addons(clusterName="c1")["addons"] == []
+
+
+def test_create_transition_and_endpoint_mapping(env):
+    aws_settings(env, create_seconds=0.4)
+    role = client(env, "iam").create_role(RoleName="r2", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    eks = client(env, "eks")
+    c = eks.create_cluster(name="c2", version="1.30", roleArn=role,
+                           resourcesVpcConfig={"subnetIds": ["subnet-1"]})["cluster"]
+    assert c["status"] == "CREATING"
+    with pytest.raises(ClientError):  # not ACTIVE yet
+        eks.create_nodegroup(clusterName="c2", nodegroupName="ng1", subnets=["subnet-1"], nodeRole=role)
+    time.sleep(0.5)
+    assert eks.describe_cluster(name="c2")["cluster"]["status"] == "ACTIVE"
+    ng = eks.create_nodegroup(clusterName="c2", nodegroupName="ng1", subnets=["subnet-1"],
+                              nodeRole=role)["nodegroup"]
+    assert ng["status"] == "CREATING"
+    time.sleep(0.5)
+    assert eks.describe_nodegroup(clusterName="c2", nodegroupName="ng1")["nodegroup"]["status"] == "ACTIVE"
+
+    try:
+        aws_map_endpoint(env, "c2", "https://127.0.1.11:6443", "Q0EtREFUQQ==")
+        c = eks.describe_cluster(name="c2")["cluster"]
+        assert c["endpoint"] == "https://127.0.1.11:6443"
+        assert c["certificateAuthority"]["data"] == "Q0EtREFUQQ=="
+    finally:
+        aws_clear_endpoints(env)
+    assert eks.describe_cluster(name="c2")["cluster"]["endpoint"] != "https://127.0.1.11:6443"
 
 
 def test_up_is_idempotent_and_down_stops_the_server(tmp_path):

@@ -251,6 +251,29 @@ def test_restart_keeps_files_and_forgets_processes(own_hosts, tmp_path):
     print(f"host restart took {took:.2f}s")
 
 
+def test_ensure_host_at_a_given_address_and_remove_it(own_hosts):
+    cfg, section = own_hosts
+    with pytest.raises(ValueError):
+        hosts.ensure_host(cfg, "10.1.2.3")  # never anything off the machine
+    t = time.monotonic()
+    entry = hosts.ensure_host(cfg, "127.0.1.203", name="vm-1")
+    took = time.monotonic() - t
+    assert entry == {"name": "vm-1", "address": "127.0.1.203", "port": 22}
+    pids = hosts.host_processes(cfg, "127.0.1.203")
+    assert hosts.ensure_host(cfg, "127.0.1.203") == entry  # idempotent, name remembered
+    assert hosts.host_processes(cfg, "127.0.1.203") == pids
+    out = subprocess.run(["ssh", "-i", section["private_key"], *section["ssh_common_args"].split(),
+                          "-o", "ConnectTimeout=3", "root@127.0.1.203", "hostname"],
+                         capture_output=True, text=True, timeout=20)
+    assert out.stdout.strip() == "vm-1", out.stderr
+    assert "127.0.1.203" in [h["address"] for h in hosts.status(cfg)["hosts"]]
+    assert hosts.remove_host(cfg, "127.0.1.203") is True
+    assert hosts.host_processes(cfg, "127.0.1.203") == []
+    assert "127.0.1.203" not in [h["address"] for h in hosts.status(cfg)["hosts"]]
+    assert not (cfg.state_dir / "hosts" / "vm-1").exists()
+    print(f"ensure_host took {took:.2f}s")
+
+
 def test_down_leaves_nothing_behind(own_hosts, tmp_path):
     cfg, section = own_hosts
     sup = section["supervisor"]
