@@ -81,6 +81,11 @@ def check(defs: Definitions, loc: Locator) -> list[Problem]:
                     at(key, ("spec", "backend", "hosts", i, "address"), f"address {h.address} is already used by cluster {addresses[h.address]!r}")
                 addresses.setdefault(h.address, cname)
 
+    for sname, cs in defs.component_sets.items():
+        for i, c in enumerate(cs.spec.components):
+            if c.name not in defs.components:
+                at(("ComponentSet", sname), ("spec", "components", i, "name"), f"no Component {c.name!r}")
+
     for pname, pol in defs.policies.items():
         for i, c in enumerate(pol.spec.protected_components):
             if c not in defs.components:

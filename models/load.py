@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from .errors import Problem, SpecInvalid
-from .spec import API_VERSION, KINDS, Cluster, ClusterModel, Component, Policy, Team
+from .spec import API_VERSION, KINDS, Cluster, ClusterModel, Component, ComponentSet, Policy, Team
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -38,6 +38,7 @@ class Definitions:
     clusters: dict[str, Cluster] = field(default_factory=dict)
     teams: dict[str, Team] = field(default_factory=dict)
     policies: dict[str, Policy] = field(default_factory=dict)
+    component_sets: dict[str, ComponentSet] = field(default_factory=dict)
     refs: dict[tuple[str, ...], DocRef] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict, repr=False)
     resolved: dict = field(default_factory=dict, repr=False)  # DesiredCluster by name, filled by validation
@@ -196,7 +197,7 @@ def _register(defs: Definitions, obj, ref: DocRef, loc: Locator, problems: list[
     else:
         key = (obj.kind, name)
         table = {"Component": defs.components, "Cluster": defs.clusters, "Team": defs.teams,
-                 "Policy": defs.policies}[obj.kind]
+                 "Policy": defs.policies, "ComponentSet": defs.component_sets}[obj.kind]
         slot = name
     if key in defs.refs:
         first = defs.refs[key]

@@ -5,7 +5,7 @@ Rules, in order:
 ``platform-all``
     Members of the platform role (or of any role with ``allAccess``) may change everything.
 ``platform-only-kind``
-    Only the platform role may change Components, ClusterModels and Policies.
+    Only the platform role may change Components, ClusterModels, ComponentSets and Policies.
 ``own-workspace-only``
     A team member may change only their own team's Team document.
 ``cluster-owner-only``
@@ -85,6 +85,8 @@ def _docs(defs: Definitions | None) -> dict[tuple, dict]:
         out[("Team", name)] = t.model_dump(mode="json", by_alias=True)
     for name, p in defs.policies.items():
         out[("Policy", name)] = p.model_dump(mode="json", by_alias=True)
+    for name, cs in defs.component_sets.items():
+        out[("ComponentSet", name)] = cs.model_dump(mode="json", by_alias=True)
     return out
 
 
@@ -111,7 +113,7 @@ def evaluate(old: Definitions | None, new: Definitions, actor: Actor,
         kind, name = key
         where = _first_change(before, after)
         obj = f"{kind}/{name}"
-        if kind in ("Component", "ClusterModel", "Policy"):
+        if kind in ("Component", "ClusterModel", "Policy", "ComponentSet"):
             denials.append(Denial("platform-only-kind", obj, where, f"only the platform role may change a {kind}"))
         elif kind == "Team" and name not in actor.teams:
             denials.append(Denial("own-workspace-only", obj, where,

@@ -40,12 +40,13 @@ class Resolver:
         self._protected = {c for p in defs.policies.values() for c in p.spec.protected_components}
 
     # ------------------------------------------------------------------ public
-    def resolve(self, name: str) -> DesiredCluster:
-        hit = self.defs.resolved.get(name)
+    def resolve(self, name: str, extra_components: tuple = ()) -> DesiredCluster:
+        """Resolve one cluster; ``extra_components`` (ModelComponent) are added as a ComponentSet would add them."""
+        hit = None if extra_components else self.defs.resolved.get(name)
         if hit is not None:
             return hit
         try:
-            return self._resolve(self.defs.clusters[name])
+            return self._resolve(self.defs.clusters[name], tuple(extra_components))
         except _Fail as f:
             raise SpecInvalid([self._problem(f)]) from None
 
@@ -68,7 +69,7 @@ class Resolver:
         return Problem(ref.file, line, path, f.message)
 
     # ------------------------------------------------------------------ steps
-    def _resolve(self, cluster: Cluster) -> DesiredCluster:
+    def _resolve(self, cluster: Cluster, extra: tuple = ()) -> DesiredCluster:
         cname = cluster.metadata.name
         ckey = ("Cluster", (cname,))
         spec = cluster.spec
@@ -133,7 +134,7 @@ class Resolver:
         machines = self._machines(cluster, control_plane, pools)
         workspaces = self._workspaces(cluster)
         needs_gitops = any(t.spec.gitops is not None for t in self.defs.teams.values() if placed(t, cluster))
-        components = self._components(cluster, model, version, variables, needs_gitops)
+        components = self._components(cluster, model, version, variables, needs_gitops, extra)
         labels = dict(cluster.metadata.labels)
         core = {
             "name": cname, "labels": labels, "model": model.metadata.name, "modelVersion": model.metadata.version,
@@ -211,7 +212,7 @@ class Resolver:
         return []
 
     def _components(self, cluster: Cluster, model: ClusterModel, version: str, variables: dict,
-                    needs_gitops: bool = False) -> list[DesiredComponent]:
+                    needs_gitops: bool = False, extra: tuple = ()) -> list[DesiredComponent]:
         spec = cluster.spec
         btype = spec.backend.type
         ckey = ("Cluster", (cluster.metadata.name,))
@@ -244,9 +245,18 @@ class Resolver:
         for i, mc in enumerate(model.spec.components):
             wanted.setdefault(mc.name, []).append(_substitute_vars(mc.values, variables, mkey, ("spec", "components", i, "values")))
             reasons.setdefault(mc.name, (mkey, ("spec", "components", i, "name")))
+        for sname in sorted(self.defs.component_sets):
+            cs = self.defs.component_sets[sname]
+            if matches(cluster.metadata.labels, cs.spec.cluster_selector.match_labels):
+                for i, sc in enumerate(cs.spec.components):
+                    wanted.setdefault(sc.name, []).append(sc.values)
+                    reasons.setdefault(sc.name, (("ComponentSet", (sname,)), ("spec", "components", i, "name")))
         for i, cc in enumerate(spec.components):
             wanted.setdefault(cc.name, []).append(cc.values)
             reasons.setdefault(cc.name, (ckey, ("spec", "components", i, "name")))
+        for cc in extra:  # added by a flow (add_component) before its ComponentSet lands in Git
+            wanted.setdefault(cc.name, []).append(cc.values)
+            reasons.setdefault(cc.name, (ckey, ("metadata", "name")))
         for name, ov in spec.overrides.components.items():
             if name not in wanted:
                 raise _Fail(*ckey, ("spec", "overrides", "components", name),

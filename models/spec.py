@@ -382,5 +382,23 @@ class Policy(Spec):
     spec: PolicySpec
 
 
-Document = Annotated[Union[Component, ClusterModel, Cluster, Team, Policy], Field(discriminator="kind")]
-KINDS = {"Component": Component, "ClusterModel": ClusterModel, "Cluster": Cluster, "Team": Team, "Policy": Policy}
+# --------------------------------------------------------------------------- ComponentSet
+
+class ComponentSetSpec(Spec):
+    """Components added to every cluster a label selector picks (as Cluster API's ClusterResourceSet)."""
+
+    description: str = ""
+    cluster_selector: Selector
+    components: Annotated[list[ModelComponent], Field(min_length=1)]
+
+
+class ComponentSet(Spec):
+    api_version: Literal["fleetwright.io/v1alpha1"]
+    kind: Literal["ComponentSet"]
+    metadata: Metadata
+    spec: ComponentSetSpec
+
+
+Document = Annotated[Union[Component, ClusterModel, Cluster, Team, Policy, ComponentSet], Field(discriminator="kind")]
+KINDS = {"Component": Component, "ClusterModel": ClusterModel, "Cluster": Cluster, "Team": Team, "Policy": Policy,
+         "ComponentSet": ComponentSet}

@@ -118,3 +118,28 @@ def test_resolver_shares_rendered_components(example_defs):
     r = Resolver(example_defs)
     a, b = r.resolve("edge-store-01"), r.resolve("edge-lab-01")
     assert a.component("local-path") is b.component("local-path")
+
+
+def test_component_set_adds_components_by_selector(example_files):
+    files = dict(example_files)
+    files["componentsets/dns.yaml"] = """apiVersion: fleetwright.io/v1alpha1
+kind: ComponentSet
+metadata: {name: dns-for-dev}
+spec:
+  clusterSelector: {matchLabels: {env: dev}}
+  components:
+    - name: external-dns
+      values: {domain: dev.example.net}
+"""
+    r = resolve_all(load(files))
+    assert r["dc1-web-dev"].component("external-dns").values["domain"] == "dev.example.net"
+    assert r["edge-lab-01"].component("external-dns") is not None
+    assert r["us-web-staging"].component("external-dns") is None
+
+
+def test_extra_components_from_a_flow(example_defs):
+    from models.spec import ModelComponent
+
+    d = Resolver(example_defs).resolve("edge-lab-01", (ModelComponent(name="cert-manager"),))
+    assert "cert-manager" in names(d)
+    assert d.hash != resolve(example_defs, "edge-lab-01").hash

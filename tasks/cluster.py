@@ -1,0 +1,167 @@
+"""Tasks that observe and change one cluster, and the converge procedure the flows share.
+
+Every change goes observe -> plan -> (lock) -> apply each step -> verify.
+``apply_step`` is cached under an idempotency key (the run's key + the step's
+id + the desired state's hash) with a persisted result, so a run repeated
+with the same key after a crash skips the steps that finished and does the
+rest; a fresh key (every scheduled sweep) never skips anything.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from backends import registry
+from backends.base import StepResult, merge_observations
+from models.desired import DesiredCluster, ObservedCluster
+from models.errors import PermanentError, TransientError
+from models.plan import Plan, Step, minor, plan
+
+from .blocks import connections
+from .locks import api_slot, cluster_lock
+from .retry import retry_options
+
+
+class GateFailed(PermanentError):
+    """A health gate after a step did not pass."""
+
+
+def _log():
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a run (unit tests of .fn)
+        import logging
+
+        return logging.getLogger("fleetwright")
+
+
+@task(name="observe-cluster", task_run_name="observe {desired.name}", cache_policy=NO_CACHE, **retry_options())
+def observe_cluster(desired: DesiredCluster) -> ObservedCluster:
+    """What the backends find for this cluster (no side effects)."""
+    conns = connections()
+    infra = registry.infrastructure(desired, conns)
+    api_slot(desired.backend.type)
+    observed = infra.observe(desired)
+    inside = None
+    if observed.exists:
+        api_slot("kubernetes")
+        inside = registry.in_cluster(infra.kube_access(desired)).observe(desired)
+    return merge_observations(observed, inside)
+
+
+def _step_key(context, parameters) -> str:
+    step: Step = parameters["step"]
+    desired: DesiredCluster = parameters["desired"]
+    raw = f"fleetwright-{parameters['idempotency_key']}-{step.id}-{desired.hash}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw)
+
+
+@task(name="apply-step", task_run_name="{step.action} {step.object} on {desired.name}",
+      cache_key_fn=_step_key, persist_result=True, **retry_options())
+def apply_step(desired: DesiredCluster, step: Step, idempotency_key: str) -> dict:
+    """Carry out one plan step through the backend its target names. Idempotent."""
+    log = _log()
+    conns = connections()
+    infra = registry.infrastructure(desired, conns)
+    if step.target == "infrastructure":
+        api_slot(desired.backend.type)
+        result: StepResult = infra.apply(desired, step)
+    else:
+        api_slot("kubernetes")
+        result = registry.in_cluster(infra.kube_access(desired)).apply(desired, step)
+    log.info("%s %s on %s: %s%s", step.action, step.object, desired.name,
+             "changed" if result.changed else "no change", f" ({result.detail})" if result.detail else "")
+    return {"step": step.id, "action": step.action, "object": step.object, "changed": result.changed,
+            "detail": result.detail}
+
+
+@task(name="health-gate", task_run_name="health gate after {step.action} {step.object} on {desired.name}",
+      cache_policy=NO_CACHE, **retry_options(retries=3))
+def health_gate(desired: DesiredCluster, step: Step) -> str:
+    """After an upgrade step: the API answers, nothing is in flight, the version moved. Raises GateFailed."""
+    observed = observe_cluster.fn(desired)
+    want = step.params.get("version")
+    if observed.in_flight:
+        raise TransientError(f"still in flight: {', '.join(observed.in_flight)}")
+    if not observed.reachable:
+        raise GateFailed(f"the Kubernetes API of {desired.name} does not answer after {step.action}")
+    if step.action == "controlPlane.upgrade" and want and minor(observed.kubernetes_version or "0.0") < minor(want):
+        raise GateFailed(f"control plane reports {observed.kubernetes_version}, expected {want}")
+    if step.action == "nodePool.upgrade" and want:
+        pool = observed.node_pools.get(step.object)
+        if pool is None or minor(pool.version or "0.0") < minor(want):
+            raise GateFailed(f"node pool {step.object} reports {pool.version if pool else 'nothing'}, expected {want}")
+    missing = [c.name for c in desired.components if c.name not in observed.components]
+    if missing:
+        raise GateFailed(f"components missing after {step.action}: {', '.join(missing)}")
+    return "passed"
+
+
+@dataclass
+class Outcome:
+    """What happened to one cluster in one run."""
+
+    cluster: str
+    status: str  # converged | planned | unchanged | refused | failed | drift
+    steps: list[dict] = field(default_factory=list)
+    done: list[dict] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)
+    reason: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_rows(p: Plan) -> list[dict]:
+    return [{"#": i, "action": s.action, "object": s.object, "target": s.target, "reason": s.reason}
+            for i, s in enumerate(p.steps, 1)]
+
+
+def drift_lines(observed: ObservedCluster, p: Plan) -> list[str]:
+    out = [f"{n}: {d}" for n, c in observed.components.items() for d in c.drift]
+    out += [f"workspace {n}: {d}" for n, w in observed.workspaces.items() for d in w.drift]
+    return out + [str(s) for s in p.steps if s.action in ("nodePool.scale", "nodePool.update", "controlPlane.scale")]
+
+
+def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
+             step_filter: Callable[[Step], bool] | None = None, lock_timeout: float | None = None) -> Outcome:
+    """Observe, plan and (unless ``dry_run``) apply one cluster's steps under its lock, then verify."""
+    t0 = time.monotonic()
+    log = _log()
+    keep = step_filter or (lambda s: True)
+    rows: list[dict] = []
+    done: list[dict] = []
+    try:
+        observed = observe_cluster(desired)
+        p = plan(desired, observed)
+        steps = [s for s in p.steps if keep(s)]
+        rows = [r for r, s in zip(plan_rows(p), p.steps) if keep(s)]
+        if p.refused:
+            return Outcome(desired.name, "refused", rows, reason="; ".join(p.refused), seconds=time.monotonic() - t0)
+        if not steps:
+            return Outcome(desired.name, "unchanged", [], seconds=time.monotonic() - t0)
+        if dry_run:
+            return Outcome(desired.name, "planned", rows, drift=drift_lines(observed, p), seconds=time.monotonic() - t0)
+        with cluster_lock(desired.name, timeout_seconds=lock_timeout):
+            observed = observe_cluster(desired)  # another run may have changed it while we waited
+            p = plan(desired, observed)
+            steps = [s for s in p.steps if keep(s)]
+            for s in steps:
+                done.append(apply_step(desired, s, idempotency_key))
+                if s.action in ("controlPlane.upgrade", "nodePool.upgrade"):
+                    health_gate(desired, s)
+            after = plan(desired, observe_cluster(desired))
+        left = [s for s in after.steps if keep(s)]
+        if left:
+            return Outcome(desired.name, "failed", rows, done, reason="not converged after apply: " + "; ".join(map(str, left)),
+                           seconds=time.monotonic() - t0)
+        return Outcome(desired.name, "converged", rows, done, drift=drift_lines(observed, p), seconds=time.monotonic() - t0)
+    except Exception as e:  # noqa: BLE001 - a failed task re-raises its exception; report it, don't crash the fleet
+        log.error("%s: %s: %s", desired.name, type(e).__name__, e)
+        return Outcome(desired.name, "failed", rows, done, reason=f"{type(e).__name__}: {e}", seconds=time.monotonic() - t0)
