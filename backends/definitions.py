@@ -79,3 +79,29 @@ def load_path(path: str | Path) -> Definitions:
 
 def load_git(repo: str | Path, ref: str, subdir: str = "") -> Definitions:
     return load(read_git(repo, ref, subdir))
+
+
+def write_definition(root: str | Path, relpath: str, text: str, *, message: str, author: str,
+                     git_repo: bool = False) -> str | None:
+    """Write a definitions file (refusing to overwrite a different one) and, in a git repository, commit it.
+
+    Returns the new commit's SHA, or None for a plain directory. Writing the same text again is a no-op.
+    """
+    root = Path(root)
+    target = (root / relpath).resolve()
+    if root.resolve() not in target.parents:
+        raise PermanentError(f"{relpath}: outside the definitions tree")
+    if target.exists() and target.read_text(encoding="utf-8") == text:
+        return resolve_ref(root, "HEAD") if git_repo else None
+    if target.exists():
+        raise PermanentError(f"{relpath}: already exists with other content; change it through Git")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    if not git_repo:
+        return None
+    top = _git(root, "rev-parse", "--show-toplevel").decode().strip()
+    rel = str(target.relative_to(Path(top).resolve()))
+    _git(top, "add", "--", rel)
+    email = f"{author}@fleetwright.invalid"
+    _git(top, "-c", f"user.name={author}", "-c", f"user.email={email}", "commit", "-q", "-m", message, "--", rel)
+    return resolve_ref(top, "HEAD")

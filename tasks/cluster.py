@@ -165,3 +165,21 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
     except Exception as e:  # noqa: BLE001 - a failed task re-raises its exception; report it, don't crash the fleet
         log.error("%s: %s: %s", desired.name, type(e).__name__, e)
         return Outcome(desired.name, "failed", rows, done, reason=f"{type(e).__name__}: {e}", seconds=time.monotonic() - t0)
+
+
+@task(name="decommission", task_run_name="decommission {desired.name}", cache_policy=NO_CACHE, **retry_options())
+def decommission(desired: DesiredCluster) -> list[dict]:
+    """Delete everything of the cluster that carries our marks: in-cluster objects, then infrastructure."""
+    conns = connections()
+    infra = registry.infrastructure(desired, conns)
+    done = []
+    with cluster_lock(desired.name):
+        observed = infra.observe(desired)
+        if observed.exists:
+            api_slot("kubernetes")
+            r = registry.in_cluster(infra.kube_access(desired)).delete(desired)
+            done.append({"step": "in-cluster", "changed": r.changed, "detail": r.detail})
+        api_slot(desired.backend.type)
+        r = infra.delete(desired)
+        done.append({"step": "infrastructure", "changed": r.changed, "detail": r.detail})
+    return done

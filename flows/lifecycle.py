@@ -1,0 +1,174 @@
+"""The lifecycle flows: create, upgrade, add a component, onboard a team, decommission, roll out.
+
+Each flow: load definitions -> resolve -> policy check for the actor -> observe
+-> plan -> (dry run stops here) -> apply each step (retried, idempotent, under
+the cluster's lock) -> verify -> report as artifacts. The scheduled fleet sweep
+is in ``flows.reconcile``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+from models.errors import PermanentError
+from models.plan import Step
+from models.resolve import Resolver, matches
+from models.spec import ModelComponent
+from models.waves import WavePolicy
+from tasks.cluster import Outcome, converge, decommission
+from tasks.definitions import record_component_set
+from tasks.report import publish
+
+from .common import (DEFAULT_ACTOR, DefinitionsSource, default_source, finish, gate, load_definitions, run_key,
+                     run_waves, waves_markdown)
+
+_UPGRADES = ("controlPlane.upgrade", "nodePool.upgrade")
+
+
+def _desired(defs, name: str, flow_name: str):
+    if name not in defs.clusters:
+        publish(flow_name, [Outcome(name, "failed", reason=f"no Cluster {name!r} in the definitions")], dry_run=True)
+        raise PermanentError(f"no Cluster {name!r}; known: {', '.join(sorted(defs.clusters))}")
+    return Resolver(defs).resolve(name)
+
+
+@flow(name="create-cluster", log_prints=True)
+def create_cluster(cluster: str, source: Optional[DefinitionsSource] = None, dry_run: bool = False,
+                   actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None) -> dict:
+    """Create a cluster: infrastructure, control plane, node pools, components in order, workspaces.
+
+    Re-running it after success changes nothing; after a crash, it finishes the job.
+    """
+    defs, old = load_definitions(source or default_source())
+    gate(defs, old, actor, "create", flow="create-cluster", cluster=cluster)
+    desired = _desired(defs, cluster, "create-cluster")
+    outcome = converge(desired, dry_run=dry_run, idempotency_key=run_key(idempotency_key))
+    return finish("create-cluster", [outcome], dry_run=dry_run)
+
+
+@flow(name="upgrade-cluster", log_prints=True)
+def upgrade_cluster(cluster: str, to_version: str = Field(..., pattern=r"^1\.[0-9]{1,2}$"),
+                    source: Optional[DefinitionsSource] = None, dry_run: bool = False,
+                    actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None) -> dict:
+    """Upgrade Kubernetes one minor version at a time, control plane first, a health gate after each step.
+
+    Refused before any change when a component does not support a version on the way. Bump the
+    version in Git as well, or the next reconcile reports the cluster as ahead of its definition.
+    """
+    defs, old = load_definitions(source or default_source())
+    gate(defs, old, actor, "upgrade", flow="upgrade-cluster", cluster=cluster)
+    desired = _desired(defs, cluster, "upgrade-cluster")
+    target = desired.model_copy(update={"kubernetes_version": to_version, "hash": f"{desired.hash}-k8s{to_version}"})
+    outcome = converge(target, dry_run=dry_run, idempotency_key=run_key(idempotency_key),
+                       step_filter=lambda s: s.action in _UPGRADES)
+    return finish("upgrade-cluster", [outcome], dry_run=dry_run)
+
+
+@flow(name="add-component", log_prints=True)
+def add_component(component: str, selector: dict[str, str], values: dict = {},  # noqa: B006 (a form default)
+                  source: Optional[DefinitionsSource] = None, waves: WavePolicy = WavePolicy(),
+                  dry_run: bool = False, actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None,
+                  record_in_git: bool = True) -> dict:
+    """Add a component to every cluster the label selector picks, translated per backend, in waves.
+
+    The change is recorded as a ComponentSet document in the definitions (a commit when they are a git
+    repository), so the fleet sweep keeps it instead of pruning it.
+    """
+    log = get_run_logger()
+    src = source or default_source()
+    defs, old = load_definitions(src)
+    if component not in defs.components:
+        raise PermanentError(f"no Component {component!r}; known: {', '.join(sorted(defs.components))}")
+    gate(defs, old, actor, "add_component", flow="add-component", component=component)
+    names = sorted(n for n, c in defs.clusters.items() if matches(c.metadata.labels, selector))
+    for n in names:  # a team member may add only to clusters their team owns
+        gate(defs, old, actor, "add_component", flow="add-component", cluster=n, component=component)
+    r = Resolver(defs)
+    extra = (ModelComponent(name=component, values=values),)
+    desired = {n: r.resolve(n, extra) for n in names}
+    wanted = {component} | {d for dc in desired.values() for c in dc.components if c.name == component for d in c.depends_on}
+
+    def only_component(s: Step) -> bool:
+        return s.action in ("component.install", "component.upgrade", "component.configure") and s.object in wanted
+
+    key = run_key(idempotency_key)
+    outcomes, record = run_waves("add-component", desired, waves, dry_run=dry_run, idempotency_key=key,
+                                 step_filter=only_component)
+    if not dry_run and record_in_git and not record["halted"]:
+        sel = "-".join(f"{k}-{v}" for k, v in sorted(selector.items())).replace("/", "-").replace(".", "-")
+        name = f"{component}-{sel}"[:63].strip("-")
+        sha = record_component_set(src, name, component, selector, values, actor)
+        log.info("recorded as ComponentSet %s%s", name, f" in commit {sha}" if sha else "")
+    return finish("add-component", outcomes, dry_run=dry_run, extra_md=waves_markdown(record)) | {"waves": record}
+
+
+@flow(name="rollout-fleet", log_prints=True)
+def rollout_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSource] = None,  # noqa: B006
+                  waves: WavePolicy = WavePolicy(), to_version: Optional[str] = None, dry_run: bool = False,
+                  actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None) -> dict:
+    """Converge the selected clusters to the definitions in waves (a model version bump), or upgrade them."""
+    defs, old = load_definitions(source or default_source())
+    names = sorted(n for n, c in defs.clusters.items() if matches(c.metadata.labels, selector))
+    for n in names:
+        gate(defs, old, actor, "upgrade" if to_version else "reconcile", flow="rollout-fleet", cluster=n)
+    r = Resolver(defs)
+    desired = {n: r.resolve(n) for n in names}
+    step_filter = None
+    if to_version:
+        desired = {n: d.model_copy(update={"kubernetes_version": to_version, "hash": f"{d.hash}-k8s{to_version}"})
+                   for n, d in desired.items()}
+        step_filter = lambda s: s.action in _UPGRADES  # noqa: E731
+    outcomes, record = run_waves("rollout-fleet", desired, waves, dry_run=dry_run,
+                                 idempotency_key=run_key(idempotency_key), step_filter=step_filter)
+    return finish("rollout-fleet", outcomes, dry_run=dry_run, extra_md=waves_markdown(record)) | {"waves": record}
+
+
+@flow(name="onboard-team", log_prints=True)
+def onboard_team(team: str, source: Optional[DefinitionsSource] = None, dry_run: bool = False,
+                 actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None) -> dict:
+    """Namespaces, RBAC, quota, limits, default-deny network policy and GitOps source on every granted cluster."""
+    from models.resolve import placed
+
+    defs, old = load_definitions(source or default_source())
+    if team not in defs.teams:
+        raise PermanentError(f"no Team {team!r}; known: {', '.join(sorted(defs.teams))}")
+    gate(defs, old, actor, "onboard_team", flow="onboard-team", team=team)
+    names = sorted(n for n, c in defs.clusters.items() if placed(defs.teams[team], c))
+    r = Resolver(defs)
+    key = run_key(idempotency_key)
+
+    def for_team(desired):
+        gitops = {c.name for c in desired.components if "gitops" in c.provides}
+        return lambda s: (s.action.startswith("workspace.") and s.object == team) or \
+            (s.action == "component.install" and s.object in gitops)
+
+    from .common import in_threads
+
+    outcomes = in_threads(lambda n: converge((d := r.resolve(n)), dry_run=dry_run, idempotency_key=key,
+                                             step_filter=for_team(d)), names)
+    return finish("onboard-team", outcomes, dry_run=dry_run)
+
+
+@flow(name="decommission-cluster", log_prints=True)
+def decommission_cluster(cluster: str, confirm: str = "", source: Optional[DefinitionsSource] = None,
+                         dry_run: bool = False, actor: str = DEFAULT_ACTOR) -> dict:
+    """Delete a cluster: only what carries fleetwright's marks. Refused for clusters labelled protected.
+
+    ``confirm`` must repeat the cluster's name.
+    """
+    defs, old = load_definitions(source or default_source())
+    gate(defs, old, actor, "decommission", flow="decommission-cluster", cluster=cluster)
+    desired = _desired(defs, cluster, "decommission-cluster")
+    if desired.protected:
+        o = Outcome(cluster, "refused", reason="the cluster is labelled fleetwright.io/protected=true")
+        publish("decommission-cluster", [o], dry_run=True)
+        raise PermanentError(f"{cluster} is protected (label fleetwright.io/protected=true): remove the label in Git first")
+    if confirm != cluster and not dry_run:
+        raise PermanentError(f"confirm must repeat the cluster's name ({cluster!r})")
+    if dry_run:
+        return finish("decommission-cluster", [Outcome(cluster, "planned", [{"#": 1, "action": "delete", "object": cluster,
+                                                                             "target": "all", "reason": "decommission"}])], dry_run=True)
+    done = decommission(desired)
+    return finish("decommission-cluster", [Outcome(cluster, "converged", done=done)], dry_run=False)
