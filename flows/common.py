@@ -87,7 +87,7 @@ def run_waves(flow: str, desired: dict[str, DesiredCluster], policy: WavePolicy,
             answer = pause_flow_run(
                 wait_for_input=Approval.with_initial_data(
                     description=f"Approve wave {wave.name} of {flow}: {', '.join(wave.clusters)}", approver=""),
-                timeout=policy.approval_timeout_seconds, key=f"approve-{wave.name}")
+                timeout=policy.approval_timeout_seconds, poll_interval=2, key=f"approve-{wave.name}")
             record["approvals"].append({"wave": wave.name, "approver": answer.approver, "approved": answer.approve,
                                         "comment": answer.comment, "clusters": wave.clusters})
             if not answer.approve:

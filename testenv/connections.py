@@ -1,0 +1,45 @@
+"""Connections for fleetwright's backends pointed at this test environment.
+
+Test environment only: it says where moto, vcsim and the SSH hosts are, and
+maps EKS clusters (whose moto endpoints do not exist) to local kube-apiservers.
+Production configuration never goes through this module.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def connections(env: dict[str, Any], eks_endpoints: dict[str, dict] | None = None) -> dict[str, Any]:
+    """A ``backends.connections.Connections`` document (JSON-able) for this environment."""
+    out: dict[str, Any] = {}
+    aws = env.get("aws") or {}
+    if aws.get("endpoint_url"):
+        out["aws"] = {"endpoint_url": aws["endpoint_url"], "access_key_id": aws["access_key_id"],
+                      "secret_access_key": aws["secret_access_key"], "wait_seconds": 0.2, "timeout_seconds": 120}
+    vs = env.get("vsphere") or {}
+    if vs.get("host"):
+        out["vsphere"] = {"host": vs["host"], "port": vs["port"], "user": vs["user"], "password": vs["password"],
+                          "insecure": bool(vs.get("insecure", True))}
+    hosts = env.get("hosts") or {}
+    if hosts.get("private_key"):
+        out["ssh"] = {"user": hosts.get("user", "root"), "private_key_file": hosts["private_key"],
+                      "supervisor": hosts.get("supervisor")}
+        if hosts.get("ssh_common_args"):
+            out["ssh"]["extra_args"] = hosts["ssh_common_args"]
+    binaries = (env.get("kube") or {}).get("binaries")
+    if binaries:
+        out["kube_binaries"] = binaries
+    if eks_endpoints:
+        out["testenv_eks_endpoints"] = {
+            name: {"server": ep["server"], "token": ep["token"], "ca_file": ep.get("ca_file")}
+            for name, ep in eks_endpoints.items()}
+    return out
+
+
+def write_connections(path: Path | str, env: dict[str, Any], eks_endpoints: dict[str, dict] | None = None) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(connections(env, eks_endpoints), indent=2))
+    path.chmod(0o600)
+    return path

@@ -1,0 +1,271 @@
+"""Lifecycle flows against a real Prefect server, moto's EKS and real kube-apiservers.
+
+The tests in this module build on each other in order (one fleet, one story): dry run, policy
+denial, create, idempotent re-run, crash and resume, serialisation, waves, approval, drift,
+upgrade, onboarding, decommission.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s
+
+from models.errors import PolicyDenied
+
+from .conftest import eks, kube_client
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def src(fleet):
+    from tasks.definitions import DefinitionsSource
+
+    return DefinitionsSource(path=str(fleet["root"]))
+
+
+def artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        return c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def namespaces(fleet, cluster) -> set[str]:
+    api = kube_client(fleet["endpoints"][cluster])
+    return {n.metadata.name for n in k8s.CoreV1Api(api).list_namespace().items}
+
+
+def test_dry_run_changes_nothing(aws_fleet):
+    from flows.lifecycle import create_cluster
+
+    out = create_cluster(cluster="fw-dev", source=src(aws_fleet), dry_run=True)
+    (c,) = out["clusters"]
+    assert c["status"] == "planned" and c["steps"][0]["action"] == "infrastructure.ensure"
+    assert eks(aws_fleet["aws"]).list_clusters()["clusters"] == []
+    assert "monitoring" not in namespaces(aws_fleet, "fw-dev")
+    assert artifacts("create-cluster-plan")
+
+
+def test_policy_denial_stops_before_any_change(aws_fleet):
+    from flows.lifecycle import create_cluster
+
+    with pytest.raises(PolicyDenied) as e:
+        create_cluster(cluster="fw-dev", source=src(aws_fleet), actor="carol")
+    assert "cluster-owner-only" in str(e.value)
+    assert eks(aws_fleet["aws"]).list_clusters()["clusters"] == []
+
+
+def test_create_cluster_then_rerun_changes_nothing(aws_fleet):
+    from flows.lifecycle import create_cluster
+
+    out = create_cluster(cluster="fw-dev", source=src(aws_fleet), actor="bob")
+    (c,) = out["clusters"]
+    assert c["status"] == "converged", c
+    actions = [d["action"] for d in c["done"]]
+    assert actions[:3] == ["infrastructure.ensure", "controlPlane.create", "nodePool.create"]
+    assert {"monitoring", "local-path-storage", "flux-system"} <= namespaces(aws_fleet, "fw-dev") or \
+        {"monitoring"} <= namespaces(aws_fleet, "fw-dev")
+    assert eks(aws_fleet["aws"]).list_nodegroups(clusterName="fw-dev")["nodegroups"] == ["workers"]
+    again = create_cluster(cluster="fw-dev", source=src(aws_fleet))
+    assert again["clusters"][0]["status"] == "unchanged" and again["clusters"][0]["done"] == []
+
+
+def test_crash_and_resume_converges_without_duplicates(aws_fleet):
+    """Kill the process running create_cluster mid-way (SIGKILL), re-run: one of everything."""
+    from flows.lifecycle import create_cluster
+    from testenv.faults import aws_settings
+
+    aws_settings(aws_fleet["aws"], create_seconds=3)  # clusters and node groups stay CREATING for a while
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    code = ("import sys; from flows.lifecycle import create_cluster; from tasks.definitions import DefinitionsSource;"
+            f"create_cluster(cluster='fw-canary', source=DefinitionsSource(path={str(aws_fleet['root'])!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = eks(aws_fleet["aws"])
+    deadline = time.time() + 120
+    while time.time() < deadline and "fw-canary" not in api.list_clusters()["clusters"]:
+        time.sleep(0.2)
+    assert "fw-canary" in api.list_clusters()["clusters"], "the flow never got as far as creating the cluster"
+    os.killpg(proc.pid, signal.SIGKILL)  # the worker dies mid-create
+    proc.wait(10)
+    try:
+        out = create_cluster(cluster="fw-canary", source=src(aws_fleet))
+    finally:
+        aws_settings(aws_fleet["aws"], create_seconds=0)
+    assert out["clusters"][0]["status"] == "converged", out
+    assert api.list_clusters()["clusters"].count("fw-canary") == 1
+    assert api.list_nodegroups(clusterName="fw-canary")["nodegroups"] == ["workers"]
+    ec2 = __import__("boto3").client("ec2", endpoint_url=aws_fleet["aws"]["endpoint_url"], region_name="eu-west-1",
+                                     aws_access_key_id="testing", aws_secret_access_key="testing")
+    vpcs = ec2.describe_vpcs(Filters=[{"Name": "tag:fleetwright.io/cluster", "Values": ["fw-canary"]}])["Vpcs"]
+    assert len(vpcs) == 1
+    cms = k8s.CoreV1Api(kube_client(aws_fleet["endpoints"]["fw-canary"])).list_namespaced_config_map("monitoring")
+    assert [c.metadata.name for c in cms.items].count("prometheus-settings") == 1
+
+
+def test_two_flows_on_one_cluster_are_serialised(aws_fleet, monkeypatch):
+    import tasks.cluster as tc
+    from flows.lifecycle import create_cluster
+
+    held: list[tuple[str, float, float]] = []
+    real = tc.cluster_lock
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def recording(name, timeout_seconds=None):
+        with real(name, timeout_seconds):
+            t0 = time.monotonic()
+            time.sleep(1.0)  # hold it long enough that an overlap would show
+            yield
+            held.append((threading.current_thread().name, t0, time.monotonic()))
+
+    monkeypatch.setattr(tc, "cluster_lock", recording)
+    # make the cluster need work twice: scale the node group behind fleetwright's back
+    eks(aws_fleet["aws"]).update_nodegroup_config(clusterName="fw-dev", nodegroupName="workers",
+                                                  scalingConfig={"minSize": 1, "maxSize": 3, "desiredSize": 3})
+    results = {}
+
+    def run(tag):
+        results[tag] = create_cluster(cluster="fw-dev", source=src(aws_fleet))
+
+    threads = [threading.Thread(target=run, args=(t,), name=t) for t in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(held) == 2, (held, results)
+    (_, a0, a1), (_, b0, b1) = sorted(held, key=lambda h: h[1])
+    assert a1 <= b0, f"lock held concurrently: {held}"
+    statuses = sorted(r["clusters"][0]["status"] for r in results.values())
+    assert statuses in (["converged", "unchanged"], ["converged", "converged"])
+    ng = eks(aws_fleet["aws"]).describe_nodegroup(clusterName="fw-dev", nodegroupName="workers")["nodegroup"]
+    assert ng["scalingConfig"]["desiredSize"] == 1
+
+
+def test_wave_halts_when_the_canary_fails(aws_fleet):
+    """add-component across the fleet: the canary's API is down, so the rollout stops after it."""
+    from flows.lifecycle import add_component
+    from models.waves import WavePolicy
+    from testenv import kube
+
+    kube.stop_control_plane(aws_fleet["testenv_config"], "flow-fw-canary")
+    try:
+        state = add_component(component="external-dns", selector={"tier": "flowtest"}, source=src(aws_fleet),
+                              waves=WavePolicy(max_failure_ratio=0.0), return_state=True)
+    finally:
+        kube.start_control_plane(aws_fleet["testenv_config"], "flow-fw-canary")
+    assert state.is_failed()
+    assert "fw-canary" in str(state.message)
+    # nothing after the canary was touched, and nothing was recorded in the definitions
+    assert "external-dns" not in namespaces(aws_fleet, "fw-dev")
+    assert not (aws_fleet["root"] / "componentsets").exists()
+
+
+def test_rollout_waits_for_approval_then_proceeds(aws_fleet):
+    """fw-prod needs approval: the flow pauses, a person approves, the approver is recorded."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+    from flows.lifecycle import add_component
+    from models.waves import WavePolicy
+
+    box = {}
+
+    def run():
+        box["out"] = add_component(component="cert-manager", selector={"env": "prod", "tier": "flowtest"},
+                                   source=src(aws_fleet), waves=WavePolicy(approval_timeout_seconds=120),
+                                   idempotency_key="approval-test", return_state=True)
+
+    # fw-prod must exist first
+    from flows.lifecycle import create_cluster
+
+    assert create_cluster(cluster="fw-prod", source=src(aws_fleet))["clusters"][0]["status"] == "converged"
+    t = threading.Thread(target=run)
+    t.start()
+    run_id = None
+    deadline = time.time() + 90
+    with get_client(sync_client=True) as c:
+        while time.time() < deadline and run_id is None:
+            for fr in c.read_flow_runs(limit=20):
+                if fr.state and fr.state.is_paused() and fr.name and fr.flow_id:
+                    run_id = fr.id
+            time.sleep(0.5)
+    assert run_id, "the rollout never paused for approval"
+    assert "cert-manager" not in namespaces(aws_fleet, "fw-prod")
+    resume_flow_run(run_id, run_input={"approver": "alice", "approve": True, "comment": "change CHG-1234"})
+    t.join(180)
+    state = box["out"]
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["waves"]["approvals"][0]["approver"] == "alice"
+    assert "cert-manager" in namespaces(aws_fleet, "fw-prod")
+
+
+def test_reconcile_reports_and_corrects_drift(aws_fleet):
+    from flows.lifecycle import create_cluster
+    from flows.reconcile import reconcile_fleet
+
+    assert create_cluster(cluster="fw-stage", source=src(aws_fleet))["clusters"][0]["status"] == "converged"
+    core = k8s.CoreV1Api(kube_client(aws_fleet["endpoints"]["fw-dev"]))
+    core.patch_namespaced_config_map("prometheus-settings", "monitoring", {"data": {"retention": "1h"}})
+    eks(aws_fleet["aws"]).update_nodegroup_config(clusterName="fw-stage", nodegroupName="workers",
+                                                  scalingConfig={"minSize": 1, "maxSize": 3, "desiredSize": 2})
+    state = reconcile_fleet(source=src(aws_fleet), batch_size=2, return_state=True)
+    assert state.is_failed() and "fw-stage" in state.message  # report mode: a failed check
+    by = {c["cluster"]: c for c in state.result(raise_on_failure=False)["clusters"]}
+    assert by["fw-dev"]["status"] == "corrected"
+    assert any("retention" in d for d in by["fw-dev"]["drift"])
+    assert by["fw-stage"]["status"] == "drift" and any("nodePool.scale" in d or "workers" in d for d in by["fw-stage"]["drift"])
+    assert core.read_namespaced_config_map("prometheus-settings", "monitoring").data["retention"] == "3d"
+    ng = eks(aws_fleet["aws"]).describe_nodegroup(clusterName="fw-stage", nodegroupName="workers")["nodegroup"]
+    assert ng["scalingConfig"]["desiredSize"] == 2  # reported, not touched
+    assert artifacts("reconcile-fleet-clusters")
+
+
+def test_upgrade_one_minor_with_gates_and_preflight(aws_fleet):
+    from flows.lifecycle import upgrade_cluster
+
+    refused = upgrade_cluster(cluster="fw-dev", to_version="1.31", source=src(aws_fleet), return_state=True)
+    assert refused.is_failed() and "supports Kubernetes" in str(refused.message)
+    assert eks(aws_fleet["aws"]).describe_cluster(name="fw-dev")["cluster"]["version"] == "1.20"
+    out = upgrade_cluster(cluster="fw-dev", to_version="1.21", source=src(aws_fleet))
+    done = [d["action"] for d in out["clusters"][0]["done"]]
+    assert done == ["controlPlane.upgrade", "nodePool.upgrade"]
+    api = eks(aws_fleet["aws"])
+    assert api.describe_cluster(name="fw-dev")["cluster"]["version"] == "1.21"
+    assert api.describe_nodegroup(clusterName="fw-dev", nodegroupName="workers")["nodegroup"]["version"] == "1.21"
+
+
+def test_onboard_team(aws_fleet):
+    from flows.lifecycle import onboard_team
+
+    with pytest.raises(PolicyDenied):
+        onboard_team(team="payments", source=src(aws_fleet), actor="carol")
+    out = onboard_team(team="payments", source=src(aws_fleet), actor="bob")
+    assert {c["cluster"] for c in out["clusters"]} == {"fw-canary", "fw-dev", "fw-stage", "fw-prod"}
+    api = kube_client(aws_fleet["endpoints"]["fw-stage"])
+    assert {"payments", "payments-batch"} <= namespaces(aws_fleet, "fw-stage")
+    quota = k8s.CoreV1Api(api).read_namespaced_resource_quota("team-quota", "payments")
+    assert quota.spec.hard["pods"] == "100"
+
+
+def test_decommission(aws_fleet):
+    from flows.lifecycle import decommission_cluster
+
+    protected = decommission_cluster(cluster="fw-prod", confirm="fw-prod", source=src(aws_fleet), return_state=True)
+    assert protected.is_failed() and "protected" in str(protected.message)
+    with pytest.raises(PolicyDenied):
+        decommission_cluster(cluster="fw-stage", confirm="fw-stage", source=src(aws_fleet), actor="bob")
+    decommission_cluster(cluster="fw-stage", confirm="fw-stage", source=src(aws_fleet))
+    assert "fw-stage" not in eks(aws_fleet["aws"]).list_clusters()["clusters"]
+    assert "payments" not in namespaces(aws_fleet, "fw-stage")
