@@ -1,0 +1,370 @@
+"""AwsBackend against the test environment's AWS (moto server + EKS updates/add-ons + faults).
+
+Runs the example fleet's ``us-web-staging`` through plan -> apply -> observe; only steps of
+target ``infrastructure`` are the AWS backend's (the rest belongs to the kube backend).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
+
+from backends.aws import AwsBackend, COMPONENT_KEY
+from backends.base import CLUSTER_KEY, OWNER_KEY, OWNER_VALUE
+from backends.connections import AwsConnection, Connections, KubeEndpoint
+from backends.definitions import load_path
+from models.desired import DesiredCluster, ObservedCluster
+from models.errors import OwnershipConflict, TransientError
+from models.plan import plan
+from models.resolve import resolve
+from testenv.faults import aws_calls, aws_clear_faults, aws_fault, aws_faults, aws_settings
+
+pytestmark = pytest.mark.timeout(120)
+
+FLEET = Path(__file__).resolve().parents[2] / "examples" / "fleet"
+NAME = "us-web-staging"
+REGION = "us-east-1"
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture(scope="module")
+def desired() -> DesiredCluster:
+    return resolve(load_path(FLEET), NAME)
+
+
+@pytest.fixture
+def env(aws_env: dict[str, Any]):
+    """The shared AWS server, reset, with short transitions (restored afterwards)."""
+    before = aws_settings(aws_env)
+    aws_settings(aws_env, update_seconds=0.4, addon_seconds=0.3, create_seconds=0)
+    yield aws_env
+    aws_clear_faults(aws_env)
+    aws_settings(aws_env, **before)
+
+
+def boto(env: dict[str, Any], service: str):
+    return boto3.client(service, endpoint_url=env["endpoint_url"], region_name=REGION,
+                        aws_access_key_id=env["access_key_id"], aws_secret_access_key=env["secret_access_key"],
+                        config=BotoConfig(retries={"mode": "standard", "total_max_attempts": 5}))
+
+
+def make_backend(env: dict[str, Any], **aws_kw: Any) -> AwsBackend:
+    conn = Connections(aws=AwsConnection(endpoint_url=env["endpoint_url"], access_key_id=env["access_key_id"],
+                                         secret_access_key=env["secret_access_key"],
+                                         **{"wait_seconds": 0.1, "timeout_seconds": 30, **aws_kw}))
+    b = AwsBackend(conn)
+    # moto's server loads AWS managed IAM policies only with MOTO_IAM_LOAD_MANAGED_POLICIES=true. Without
+    # them, attach customer-managed stand-ins of the same names (the backend takes full ARNs as well).
+    iam = boto(env, "iam")
+    try:
+        iam.get_policy(PolicyArn="arn:aws:iam::aws:policy/AmazonEKSClusterPolicy")
+    except ClientError:
+        arns = {}
+        for n in (*b.cluster_policies, *b.node_policies):
+            try:
+                arns[n] = iam.create_policy(PolicyName=n, PolicyDocument=STAND_IN)[
+                    "Policy"]["Arn"]
+            except ClientError:  # made already by an earlier backend in this test
+                arns[n] = f"arn:aws:iam::123456789012:policy/{n}"
+        b.cluster_policies = tuple(arns[n] for n in b.cluster_policies)
+        b.node_policies = tuple(arns[n] for n in b.node_policies)
+    return b
+
+
+STAND_IN = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "eks:Describe*", "Resource": "*"}]}'
+
+
+@pytest.fixture
+def backend(env) -> AwsBackend:
+    return make_backend(env)
+
+
+def infra_steps(d: DesiredCluster, observed) -> list:
+    p = plan(d, observed)
+    assert not p.refused, p.refused
+    return [s for s in p.steps if s.target == "infrastructure"]
+
+
+def converge(backend: AwsBackend, d: DesiredCluster) -> list:
+    """plan(desired, observe()) and apply every infrastructure step; returns [(step, result)]."""
+    done = []
+    for step in infra_steps(d, backend.observe(d)):
+        done.append((step, backend.apply(d, step)))
+    return done
+
+
+def with_component(d: DesiredCluster, name: str, **update: Any) -> DesiredCluster:
+    comps = [c.model_copy(update=update) if c.name == name else c for c in d.components]
+    return d.model_copy(update={"components": comps})
+
+
+def with_pool(d: DesiredCluster, name: str, **update: Any) -> DesiredCluster:
+    return d.model_copy(update={"node_pools": [p.model_copy(update=update) if p.name == name else p
+                                               for p in d.node_pools]})
+
+
+def ours(tags: dict[str, str]) -> bool:
+    return tags.get(OWNER_KEY) == OWNER_VALUE and tags.get(CLUSTER_KEY) == NAME
+
+
+def inventory(env: dict[str, Any]) -> dict[str, Any]:
+    """Everything of cluster NAME that exists, counted with boto3 directly."""
+    ec2, iam, eks = boto(env, "ec2"), boto(env, "iam"), boto(env, "eks")
+    f = [{"Name": f"tag:{CLUSTER_KEY}", "Values": [NAME]}]
+    out: dict[str, Any] = {
+        "vpcs": [v["VpcId"] for v in ec2.describe_vpcs(Filters=f)["Vpcs"]],
+        "subnets": [s["SubnetId"] for s in ec2.describe_subnets(Filters=f)["Subnets"]],
+        "roles": sorted(r["RoleName"] for r in iam.list_roles()["Roles"] if r["RoleName"].startswith(f"fw-{NAME}")),
+        "clusters": eks.list_clusters()["clusters"], "nodegroups": [], "addons": []}
+    if NAME in out["clusters"]:
+        out["nodegroups"] = eks.list_nodegroups(clusterName=NAME)["nodegroups"]
+        out["addons"] = eks.list_addons(clusterName=NAME)["addons"]
+    return out
+
+
+# --------------------------------------------------------------------------- 1, 2: create, idempotence
+
+def test_create_from_nothing(env, backend, desired):
+    first = backend.observe(desired)
+    assert not first.infrastructure and not first.exists
+    done = converge(backend, desired)
+    assert [s.action for s, _ in done] == ["infrastructure.ensure", "controlPlane.create", "nodePool.create",
+                                           "component.install"]
+    assert all(r.changed for _, r in done)
+    obs = backend.observe(desired)
+    assert infra_steps(desired, obs) == []
+    assert obs.infrastructure and obs.exists and obs.kubernetes_version == "1.20" and obs.control_plane_replicas is None
+    assert obs.endpoint and not obs.in_flight
+    pool = obs.node_pools["general"]
+    assert (pool.replicas, pool.min_size, pool.max_size, pool.version) == (2, 1, 20, "1.20")
+    assert pool.machine == desired.node_pools[0].machine
+    ebs = desired.component("aws-ebs-csi")
+    assert obs.components["aws-ebs-csi"].version == ebs.version and obs.components["aws-ebs-csi"].hash == ebs.hash
+    assert obs.components["aws-ebs-csi"].target == "infrastructure"
+    # everything made is marked as ours
+    ec2, iam, eks = boto(env, "ec2"), boto(env, "iam"), boto(env, "eks")
+    inv = inventory(env)
+    assert len(inv["vpcs"]) == 1 and len(inv["subnets"]) == desired.backend.vpc.availability_zones
+    for v in ec2.describe_vpcs(VpcIds=inv["vpcs"])["Vpcs"] + ec2.describe_subnets(SubnetIds=inv["subnets"])["Subnets"]:
+        assert ours({t["Key"]: t["Value"] for t in v["Tags"]})
+    assert {s["AvailabilityZone"] for s in ec2.describe_subnets(SubnetIds=inv["subnets"])["Subnets"]} == {
+        "us-east-1a", "us-east-1b"}
+    for r in inv["roles"]:
+        assert ours({t["Key"]: t["Value"] for t in iam.get_role(RoleName=r)["Role"]["Tags"]})
+        assert len(iam.list_attached_role_policies(RoleName=r)["AttachedPolicies"]) >= 1
+    c = eks.describe_cluster(name=NAME)["cluster"]
+    assert ours(c["tags"]) and c["roleArn"].endswith(f"role/fw-{NAME}-cluster")
+    assert sorted(c["resourcesVpcConfig"]["subnetIds"]) == sorted(inv["subnets"])
+    ng = eks.describe_nodegroup(clusterName=NAME, nodegroupName="general")["nodegroup"]
+    assert ours(ng["tags"]) and ng["instanceTypes"] == ["m5.large"] and ng["nodeRole"].endswith(f"fw-{NAME}-node")
+    a = eks.describe_addon(clusterName=NAME, addonName="aws-ebs-csi-driver")["addon"]
+    assert ours(a["tags"]) and a["tags"][COMPONENT_KEY] == "aws-ebs-csi" and a["addonVersion"] == "v1.28.0-eksbuild.1"
+
+
+def test_second_apply_changes_nothing(env, backend, desired):
+    done = converge(backend, desired)
+    before = backend.observe(desired)
+    calls = aws_calls(env)
+    again = [backend.apply(desired, s) for s, _ in done]
+    assert [r.changed for r in again] == [False] * len(done), [r.detail for r in again]
+    assert backend.observe(desired) == before
+    after = aws_calls(env)
+    mutating = {k: after.get(k, 0) - calls.get(k, 0) for k in after
+                if k.split(":")[1].startswith(("Create", "Update", "Attach", "Delete", "Tag"))}
+    assert not any(mutating.values()), mutating
+    inv = inventory(env)
+    assert (len(inv["vpcs"]), len(inv["subnets"]), len(inv["roles"])) == (1, 2, 2)
+    assert inv["nodegroups"] == ["general"] and inv["addons"] == ["aws-ebs-csi-driver"]
+    # a fresh backend (a restarted worker) finds the same things: no local state
+    assert make_backend(env).observe(desired) == before
+
+
+# --------------------------------------------------------------------------- 3: changes
+
+def test_scale_upgrade_and_addon_change(env, backend, desired):
+    converge(backend, desired)
+    # scale: workers 2 -> 4
+    scaled = with_pool(desired, "general", replicas=4)
+    steps = infra_steps(scaled, backend.observe(scaled))
+    assert [s.action for s in steps] == ["nodePool.scale"]
+    assert backend.apply(scaled, steps[0]).changed
+    assert backend.observe(scaled).node_pools["general"].replicas == 4
+    assert not backend.apply(scaled, steps[0]).changed
+
+    # Kubernetes 1.20 -> 1.21: control plane (seen UPDATING while it runs), then the node pool
+    up = scaled.model_copy(update={"kubernetes_version": "1.21"})
+    steps = infra_steps(up, backend.observe(up))
+    assert [(s.action, s.params["version"]) for s in steps] == [("controlPlane.upgrade", "1.21"),
+                                                               ("nodePool.upgrade", "1.21")]
+    aws_settings(env, update_seconds=1.0)
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", backend.apply(up, steps[0])))
+    t.start()
+    seen_in_flight = []
+    while t.is_alive():
+        o = make_backend(env).observe(up)
+        if o.in_flight:
+            seen_in_flight.append((o.kubernetes_version, tuple(o.in_flight)))
+        time.sleep(0.15)
+    t.join()
+    aws_settings(env, update_seconds=0.4)
+    assert (("1.20", (f"EKS cluster {NAME} UPDATING",))) in seen_in_flight
+    r = box["r"]
+    assert r.changed and r.outputs["statuses"][0] == "InProgress" and r.outputs["statuses"][-1] == "Successful"
+    obs = backend.observe(up)
+    assert obs.kubernetes_version == "1.21" and obs.node_pools["general"].version == "1.20"
+    assert infra_steps(up, obs)[0].action == "nodePool.upgrade"
+    assert not backend.apply(up, steps[0]).changed  # the control plane step again: nothing to do
+    assert backend.apply(up, steps[1]).changed
+    obs = backend.observe(up)
+    assert obs.node_pools["general"].version == "1.21" and infra_steps(up, obs) == []
+
+    # add-on version change: aws-ebs-csi 1.28.0 -> 1.30.0
+    newer = with_component(up, "aws-ebs-csi", version="1.30.0", hash="0123456789abcdef",
+                           addon={"name": "aws-ebs-csi-driver", "version": "v1.30.0-eksbuild.1"})
+    steps = infra_steps(newer, backend.observe(newer))
+    assert [(s.action, s.object) for s in steps] == [("component.upgrade", "aws-ebs-csi")]
+    res = backend.apply(newer, steps[0])
+    assert res.changed and "Successful" in res.outputs["statuses"]
+    obs = backend.observe(newer)
+    assert obs.components["aws-ebs-csi"].version == "1.30.0" and infra_steps(newer, obs) == []
+    assert boto(env, "eks").describe_addon(clusterName=NAME, addonName="aws-ebs-csi-driver")["addon"][
+        "addonVersion"] == "v1.30.0-eksbuild.1"
+    assert not backend.apply(newer, steps[0]).changed
+    # the old desired state sees the newer add-on as a change again (observed by our tags or raw version)
+    assert [s.action for s in infra_steps(up, obs)] == ["component.upgrade"]
+
+
+# --------------------------------------------------------------------------- 4: delete
+
+def test_delete_leaves_nothing(env, backend, desired):
+    converge(backend, desired)
+    assert inventory(env)["nodegroups"] == ["general"]
+    r = backend.delete(desired)
+    assert r.changed and not r.outputs["skipped"]
+    assert inventory(env) == {"vpcs": [], "subnets": [], "roles": [], "clusters": [], "nodegroups": [], "addons": []}
+    again = backend.delete(desired)
+    assert not again.changed
+    obs = backend.observe(desired)
+    assert not obs.exists and not obs.infrastructure
+
+
+# --------------------------------------------------------------------------- 5: adoption refused
+
+def test_adoption_refused(env, backend, desired):
+    iam, eks, ec2 = boto(env, "iam"), boto(env, "eks"), boto(env, "ec2")
+    role = iam.create_role(RoleName="someone-elses", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    eks.create_cluster(name=NAME, version="1.20", roleArn=role, resourcesVpcConfig={"subnetIds": ["subnet-1"]},
+                       tags={"team": "other"})
+    with pytest.raises(OwnershipConflict, match=f"EKS cluster {NAME}"):
+        backend.observe(desired)
+    steps = infra_steps(desired, ObservedCluster(name=NAME))
+    assert backend.apply(desired, steps[0]).changed  # our own VPC and roles are fine
+    for s in steps[1:]:
+        with pytest.raises(OwnershipConflict):
+            backend.apply(desired, s)
+    r = backend.delete(desired)
+    assert any(f"EKS cluster {NAME}" in s for s in r.outputs["skipped"])
+    c = eks.describe_cluster(name=NAME)["cluster"]
+    assert c["status"] == "ACTIVE" and c["tags"] == {"team": "other"}
+    assert iam.get_role(RoleName="someone-elses")
+    # a foreign VPC with our deterministic name is refused too, and never deleted
+    vpc = ec2.create_vpc(CidrBlock="10.99.0.0/16", TagSpecifications=[
+        {"ResourceType": "vpc", "Tags": [{"Key": "Name", "Value": f"fw-{NAME}"}]}])["Vpc"]["VpcId"]
+    with pytest.raises(OwnershipConflict, match=vpc):
+        backend.apply(desired, steps[0])
+    backend.delete(desired)
+    assert ec2.describe_vpcs(VpcIds=[vpc])["Vpcs"]
+
+
+# --------------------------------------------------------------------------- 6: transient faults
+
+def test_transient_faults_survived(env, backend, desired):
+    aws_fault(env, service="eks", action="DescribeCluster", status=429, count=3)
+    aws_fault(env, service="eks", action="CreateNodegroup", status=429, count=2)
+    aws_fault(env, service="ec2", action="CreateVpc", status=503, count=1)
+    aws_fault(env, service="iam", action="CreateRole", status=500, count=1)
+    aws_fault(env, service="*", action="*", status=0, latency_ms=20)
+    done = converge(backend, desired)
+    assert all(r.changed for _, r in done)
+    stats = aws_faults(env)
+    injected = {(f["service"], f["action"]): f["injected"] for f in stats["faults"]}
+    assert injected[("eks", "CreateNodegroup")] == 2 and injected[("ec2", "CreateVpc")] == 1
+    assert injected[("eks", "DescribeCluster")] == 3 and injected[("iam", "CreateRole")] == 1
+    assert stats["delayed"] > 10
+    aws_clear_faults(env)
+    inv = inventory(env)
+    assert (len(inv["vpcs"]), len(inv["roles"]), inv["nodegroups"]) == (1, 2, ["general"])
+    assert infra_steps(desired, backend.observe(desired)) == []
+    # retries exhausted: a TransientError for the task layer to retry, never a hang
+    impatient = make_backend(env, max_attempts=2)
+    aws_fault(env, service="eks", action="DescribeCluster", status=503, count=50)
+    with pytest.raises(TransientError, match="DescribeCluster"):
+        impatient.observe(desired)
+    aws_clear_faults(env)
+    aws_fault(env, service="eks", action="UpdateNodegroupConfig", status=429, count=50)
+    with pytest.raises(TransientError, match="ThrottlingException"):
+        impatient.apply(with_pool(desired, "general", replicas=3), infra_steps(
+            with_pool(desired, "general", replicas=3), impatient.observe(desired))[0])
+
+
+# --------------------------------------------------------------------------- 7: drift
+
+def test_out_of_band_scale_is_drift(env, backend, desired):
+    converge(backend, desired)
+    eks = boto(env, "eks")
+    eks.update_nodegroup_config(clusterName=NAME, nodegroupName="general",
+                                scalingConfig={"minSize": 1, "maxSize": 20, "desiredSize": 5})
+    obs = backend.observe(desired)
+    assert obs.node_pools["general"].replicas == 5
+    assert obs.in_flight == ["EKS node group general UPDATING"]
+    steps = infra_steps(desired, obs)
+    assert [s.action for s in steps] == ["nodePool.scale"]
+    assert "is 5 (1..20), wants 2" in steps[0].reason and steps[0].params["replicas"] == 2
+    r = backend.apply(desired, steps[0])  # waits for the out-of-band update, then restores
+    assert r.changed
+    obs = backend.observe(desired)
+    assert obs.node_pools["general"].replicas == 2 and infra_steps(desired, obs) == []
+
+
+# --------------------------------------------------------------------------- 8: kube access
+
+def test_kube_access(env, desired, kube_factory):
+    api = kube_factory()
+    conn = Connections(aws=AwsConnection(endpoint_url=env["endpoint_url"], access_key_id="testing",
+                                         secret_access_key="testing"),
+                       testenv_eks_endpoints={NAME: KubeEndpoint(server=api["server"], token=api["token"],
+                                                                 ca_file=api["ca_file"])})
+    access = AwsBackend(conn).kube_access(desired)
+    assert access.server == api["server"] and api["token"] not in repr(access)
+    from kubernetes import client
+
+    cfg = client.Configuration()
+    cfg.host, cfg.ssl_ca_cert = access.server, access.ca_file
+    cfg.api_key = {"authorization": f"Bearer {access.token}"}
+    names = {n.metadata.name for n in client.CoreV1Api(client.ApiClient(cfg)).list_namespace().items}
+    assert {"default", "kube-system"} <= names
+
+
+def test_kube_access_real_aws_shape(env, backend, desired):
+    """Without a test mapping: endpoint and CA from DescribeCluster, an `eks get-token` style token."""
+    converge(backend, desired)
+    access = backend.kube_access(desired)
+    c = boto(env, "eks").describe_cluster(name=NAME)["cluster"]
+    assert access.server == c["endpoint"] and access.ca_data == c["certificateAuthority"]["data"]
+    assert access.token.startswith("k8s-aws-v1.") and access.token not in repr(access)
+    import base64
+    from urllib.parse import parse_qs, urlsplit
+
+    body = access.token[len("k8s-aws-v1."):]
+    url = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+    q = parse_qs(urlsplit(url).query)
+    assert url.startswith(env["endpoint_url"]) and q["Action"] == ["GetCallerIdentity"]
+    assert "x-k8s-aws-id" in q["X-Amz-SignedHeaders"][0]
