@@ -28,8 +28,8 @@ def ensure_limit(name: str, limit: int, slot_decay_per_second: float | None = No
             client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
-                    name=name, limit=limit, slot_decay_per_second=slot_decay_per_second))
+                fields = {"slot_decay_per_second": slot_decay_per_second} if slot_decay_per_second else {}
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit, **fields))
             except ObjectAlreadyExists:
                 pass
     _known.add(name)
@@ -44,7 +44,7 @@ def cluster_lock(cluster: str, timeout_seconds: float | None = None):
     """Hold the cluster's lock; waits for another flow holding it."""
     name = lock_name(cluster)
     ensure_limit(name, 1)
-    lease = float(os.environ.get("FLEETWRIGHT_LOCK_LEASE_SECONDS", "60"))
+    lease = max(60.0, float(os.environ.get("FLEETWRIGHT_LOCK_LEASE_SECONDS", "60")))  # the server's minimum is 60
     with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, lease_duration=lease, strict=True):
         yield
 

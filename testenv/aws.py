@@ -104,7 +104,8 @@ def up(cfg: Config | None = None) -> dict[str, Any]:
             argv += ["--create-seconds", str(opts["create_seconds"])]
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
                                      if p)
-        env = {"PYTHONPATH": pythonpath}
+        # AWS managed IAM policies (AmazonEKSClusterPolicy, ...) exist in every real account; moto loads them on request
+        env = {"PYTHONPATH": pythonpath, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}
         pid = start_process(NAME, argv, env=env, cfg=cfg, cwd=REPO_ROOT)
         sec = section_for(port, pid)
 

@@ -93,13 +93,14 @@ def aws_fleet(tmp_path_factory, testenv_config, kube_factory, prefect_api):
     (root / "clusters" / "aws.yaml").write_text(FLEET_CLUSTERS.format(tier="flowtest"))
     # the payments team is granted the test fleet
     teams = root / "teams" / "teams.yaml"
-    teams.write_text(teams.read_text().replace("matchLabels: {tier: web}", "matchLabels: {tier: flowtest}"))
+    teams.write_text(teams.read_text().replace("matchLabels: {tier: web}", "matchLabels: {tier: flowtest}")
+                     .replace("clusters: [ml-train-dev]", "clusters: []"))
     endpoints = {name: kube_factory(f"flow-{name}") for name in FLEET}
     conns = write_connections(root.parent / "connections.json", {"aws": aws}, endpoints)
     old = {k: os.environ.get(k) for k in ("FLEETWRIGHT_CONNECTIONS", "FLEETWRIGHT_USE_BLOCKS",
                                           "FLEETWRIGHT_RETRY_BASE_SECONDS", "FLEETWRIGHT_LOCK_LEASE_SECONDS")}
     os.environ.update({"FLEETWRIGHT_CONNECTIONS": str(conns), "FLEETWRIGHT_USE_BLOCKS": "0",
-                       "FLEETWRIGHT_RETRY_BASE_SECONDS": "0.05", "FLEETWRIGHT_LOCK_LEASE_SECONDS": "10"})
+                       "FLEETWRIGHT_RETRY_BASE_SECONDS": "0.05", "FLEETWRIGHT_LOCK_LEASE_SECONDS": "60"})
     from tasks.blocks import connections
 
     connections.cache_clear()
