@@ -236,9 +236,14 @@ class AwsBackend:
             session = self._boto_session()
             cfg = BotoConfig(region_name=region, connect_timeout=10, read_timeout=60,
                              retries={"mode": "standard", "total_max_attempts": max(1, self.aws.max_attempts)})
-            c = session.client(service, region_name=region, endpoint_url=self.aws.endpoint_url, config=cfg)
-            with self._lock:
-                c = self._clients.setdefault(key, c)
+            with self._lock:  # a boto3 Session is not thread-safe; its clients are
+                c = self._clients.get(key)
+                if c is None:
+                    try:
+                        c = session.client(service, region_name=region, endpoint_url=self.aws.endpoint_url, config=cfg)
+                    except Exception as e:  # noqa: BLE001
+                        raise map_error(e, operation=f"{service} client") from None
+                    self._clients[key] = c
         return c
 
     def _call(self, service: str, region: str, op: str, *, missing_ok: bool = False, **kw: Any) -> Any:
@@ -888,6 +893,8 @@ class AwsBackend:
             if self._call("eks", region, "tag_resource", missing_ok=True, resourceArn=a["addonArn"], tags=stale) is not None:
                 changed = True
                 details.append(f"tagged EKS add-on {name} with component {comp.name} {comp.version}")
+            else:
+                log.debug("EKS add-on %s of %s could not be tagged (not found); its tags stay stale", name, desired.name)
         return changed, "; ".join(details) or f"EKS add-on {name} is at {version}", outputs
 
     def _apply_component_remove(self, desired: DesiredCluster, step: Step):

@@ -206,10 +206,11 @@ def test_scale_upgrade_and_addon_change(env, backend, desired):
     aws_settings(env, update_seconds=1.0)
     box: dict[str, Any] = {}
     t = threading.Thread(target=lambda: box.setdefault("r", backend.apply(up, steps[0])))
+    watcher = make_backend(env)
     t.start()
     seen_in_flight = []
     while t.is_alive():
-        o = make_backend(env).observe(up)
+        o = watcher.observe(up)
         if o.in_flight:
             seen_in_flight.append((o.kubernetes_version, tuple(o.in_flight)))
         time.sleep(0.15)
@@ -222,7 +223,12 @@ def test_scale_upgrade_and_addon_change(env, backend, desired):
     assert obs.kubernetes_version == "1.21" and obs.node_pools["general"].version == "1.20"
     assert infra_steps(up, obs)[0].action == "nodePool.upgrade"
     assert not backend.apply(up, steps[0]).changed  # the control plane step again: nothing to do
-    assert backend.apply(up, steps[1]).changed
+    # the node pool upgrade was started elsewhere (a crashed worker): wait for it, start no second one
+    eks = boto(env, "eks")
+    eks.update_nodegroup_version(clusterName=NAME, nodegroupName="general", version="1.21")
+    r = backend.apply(up, steps[1])
+    assert r.changed and "waited for the running upgrade" in r.detail
+    assert len(eks.list_updates(name=NAME, nodegroupName="general")["updateIds"]) == 2  # scale + this upgrade
     obs = backend.observe(up)
     assert obs.node_pools["general"].version == "1.21" and infra_steps(up, obs) == []
 
@@ -240,6 +246,32 @@ def test_scale_upgrade_and_addon_change(env, backend, desired):
     assert not backend.apply(newer, steps[0]).changed
     # the old desired state sees the newer add-on as a change again (observed by our tags or raw version)
     assert [s.action for s in infra_steps(up, obs)] == ["component.upgrade"]
+
+
+def test_spec_tags_zones_and_instance_types(env):
+    """eu-web-prod-1: eu-west-1, three zones, two instance types, 100 GiB disks, the spec's own tags everywhere."""
+    prod = resolve(load_path(FLEET), "eu-web-prod-1")
+    b = make_backend(env)
+    converge(b, prod)
+    obs = b.observe(prod)
+    assert infra_steps(prod, obs) == [] and obs.node_pools["general"].replicas == 6
+    assert obs.node_pools["general"].machine == {"instanceTypes": ["m5.xlarge", "m5a.xlarge"], "diskSizeGiB": 100,
+                                                 "capacityType": "ON_DEMAND"}
+    kw = dict(endpoint_url=env["endpoint_url"], region_name="eu-west-1", aws_access_key_id="testing",
+              aws_secret_access_key="testing")
+    ec2, iam, eks = boto3.client("ec2", **kw), boto3.client("iam", **kw), boto3.client("eks", **kw)
+    want = {"cost-center": "payments", "data-classification": "confidential", OWNER_KEY: OWNER_VALUE,
+            CLUSTER_KEY: "eu-web-prod-1"}
+    f = [{"Name": f"tag:{CLUSTER_KEY}", "Values": ["eu-web-prod-1"]}]
+    subnets = ec2.describe_subnets(Filters=f)["Subnets"]
+    assert sorted(s["AvailabilityZone"] for s in subnets) == ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
+    tagsets = [{t["Key"]: t["Value"] for t in x["Tags"]} for x in ec2.describe_vpcs(Filters=f)["Vpcs"] + subnets]
+    tagsets += [{t["Key"]: t["Value"] for t in iam.get_role(RoleName=f"fw-eu-web-prod-1-{k}")["Role"]["Tags"]}
+                for k in ("cluster", "node")]
+    tagsets += [eks.describe_cluster(name="eu-web-prod-1")["cluster"]["tags"],
+                eks.describe_nodegroup(clusterName="eu-web-prod-1", nodegroupName="general")["nodegroup"]["tags"],
+                eks.describe_addon(clusterName="eu-web-prod-1", addonName="aws-ebs-csi-driver")["addon"]["tags"]]
+    assert len(tagsets) == 9 and all(want.items() <= t.items() for t in tagsets)
 
 
 # --------------------------------------------------------------------------- 4: delete
@@ -287,17 +319,17 @@ def test_adoption_refused(env, backend, desired):
 # --------------------------------------------------------------------------- 6: transient faults
 
 def test_transient_faults_survived(env, backend, desired):
-    aws_fault(env, service="eks", action="DescribeCluster", status=429, count=3)
-    aws_fault(env, service="eks", action="CreateNodegroup", status=429, count=2)
+    aws_fault(env, service="eks", action="DescribeCluster", status=429, count=2)
+    aws_fault(env, service="eks", action="CreateNodegroup", status=429, count=1)
     aws_fault(env, service="ec2", action="CreateVpc", status=503, count=1)
     aws_fault(env, service="iam", action="CreateRole", status=500, count=1)
-    aws_fault(env, service="*", action="*", status=0, latency_ms=20)
+    aws_fault(env, service="*", action="*", status=0, latency_ms=15)
     done = converge(backend, desired)
     assert all(r.changed for _, r in done)
     stats = aws_faults(env)
     injected = {(f["service"], f["action"]): f["injected"] for f in stats["faults"]}
-    assert injected[("eks", "CreateNodegroup")] == 2 and injected[("ec2", "CreateVpc")] == 1
-    assert injected[("eks", "DescribeCluster")] == 3 and injected[("iam", "CreateRole")] == 1
+    assert injected[("eks", "CreateNodegroup")] == 1 and injected[("ec2", "CreateVpc")] == 1
+    assert injected[("eks", "DescribeCluster")] == 2 and injected[("iam", "CreateRole")] == 1
     assert stats["delayed"] > 10
     aws_clear_faults(env)
     inv = inventory(env)
@@ -320,6 +352,7 @@ def test_transient_faults_survived(env, backend, desired):
 def test_out_of_band_scale_is_drift(env, backend, desired):
     converge(backend, desired)
     eks = boto(env, "eks")
+    aws_settings(env, update_seconds=1.5)
     eks.update_nodegroup_config(clusterName=NAME, nodegroupName="general",
                                 scalingConfig={"minSize": 1, "maxSize": 20, "desiredSize": 5})
     obs = backend.observe(desired)
@@ -328,10 +361,32 @@ def test_out_of_band_scale_is_drift(env, backend, desired):
     steps = infra_steps(desired, obs)
     assert [s.action for s in steps] == ["nodePool.scale"]
     assert "is 5 (1..20), wants 2" in steps[0].reason and steps[0].params["replicas"] == 2
+    # a worker that gives up waiting for the running update raises TransientError and changes nothing
+    with pytest.raises(TransientError, match="timed out"):
+        make_backend(env, timeout_seconds=0.2).apply(desired, steps[0])
+    assert backend.observe(desired).node_pools["general"].replicas == 5
     r = backend.apply(desired, steps[0])  # waits for the out-of-band update, then restores
     assert r.changed
     obs = backend.observe(desired)
     assert obs.node_pools["general"].replicas == 2 and infra_steps(desired, obs) == []
+
+
+def test_machine_change_replaces_the_node_group(env, backend, desired):
+    """Instance types and disk size of an EKS managed node group are immutable: nodePool.update replaces it."""
+    converge(backend, desired)
+    bigger = with_pool(desired, "general", machine={"instanceTypes": ["m5.xlarge"], "diskSizeGiB": 80,
+                                                     "capacityType": "ON_DEMAND"},
+                       labels={"tier": "web"}, taints=["dedicated=web:NoSchedule"])
+    steps = infra_steps(bigger, backend.observe(bigger))
+    assert [s.action for s in steps] == ["nodePool.update"] and "diskSizeGiB, instanceTypes" in steps[0].reason
+    assert backend.apply(bigger, steps[0]).changed
+    obs = backend.observe(bigger)
+    assert obs.node_pools["general"].machine == bigger.node_pools[0].machine and infra_steps(bigger, obs) == []
+    ng = boto(env, "eks").describe_nodegroup(clusterName=NAME, nodegroupName="general")["nodegroup"]
+    assert ng["labels"] == {"tier": "web"}
+    assert ng["taints"] == [{"key": "dedicated", "value": "web", "effect": "NO_SCHEDULE"}]
+    assert not backend.apply(bigger, steps[0]).changed
+    assert inventory(env)["nodegroups"] == ["general"]
 
 
 # --------------------------------------------------------------------------- 8: kube access

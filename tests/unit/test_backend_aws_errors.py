@@ -109,8 +109,6 @@ def _decode(token: str) -> str:
 def test_eks_token_shape_for_real_aws():
     """As `aws eks get-token`: a presigned regional STS GetCallerIdentity URL signing x-k8s-aws-id."""
     backend = AwsBackend(Connections(aws=AwsConnection(access_key_id="AKIDEXAMPLE", secret_access_key="secret")))
-    from models.desired import DesiredCluster  # noqa: F401  (only the name and region are used)
-
     class D:  # the token needs only the cluster's name and region
         name = "eu-web-prod-1"
         backend = type("B", (), {"region": "eu-west-1"})()
