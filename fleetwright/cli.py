@@ -177,6 +177,15 @@ def schema(output: Optional[Path] = typer.Option(None, "--output", "-o")) -> Non
         typer.echo(text)
 
 
+@app.command()
+def demo(keep: bool = typer.Option(False, "--keep", help="Leave the test environment, Prefect server and worker running"),
+         port: int = typer.Option(4200, "--port", help="The Prefect server's port")) -> None:
+    """Run the example fleet end to end on this machine: test environment, Prefect server, worker, flows."""
+    from fleetwright.demo import run
+
+    raise typer.Exit(run(keep=keep, port=port))
+
+
 def _mount_testenv() -> None:
     try:
         from testenv.cli import app as testenv_app

@@ -70,6 +70,8 @@ def connections() -> Connections:
             "secret_access_key": aws.aws_secret_access_key,
             "session_token": SecretStr(aws.aws_session_token) if aws.aws_session_token else None,
             "profile_name": aws.profile_name,
+            "endpoint_url": (aws.aws_client_parameters.endpoint_url if aws.aws_client_parameters else None)
+                            or base.aws.endpoint_url,
         })
     vs: Optional[VsphereCredentials] = _load_block(VsphereCredentials, VSPHERE_BLOCK)
     if vs is not None:

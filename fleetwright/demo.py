@@ -1,0 +1,278 @@
+"""`fleetwright demo`: the whole product on one machine, end to end.
+
+1. starts the test environment (moto, vcsim, SSH hosts, kube-apiservers);
+2. puts the example fleet in a git repository (the definitions repo);
+3. starts a Prefect server on its embedded SQLite database;
+4. saves the credential blocks, creates the process work pool, deploys every
+   flow from prefect.yaml and starts a worker;
+5. runs the scenario through the deployments: create clusters on aws, vsphere
+   and metal; onboard a team; add a component across a selector in waves;
+   upgrade one cluster by a minor version (bumped in Git first); change things
+   behind fleetwright's back; and let reconcile-fleet report and correct them.
+
+It prints progress, the Prefect UI address and a summary, and records the
+wall time of each step and the orchestration overhead in bench/RESULTS.md.
+``--keep`` leaves everything running.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "fleet"
+AWS_CLUSTER, VSPHERE_CLUSTER, METAL_CLUSTER = "us-web-staging", "dc1-web-dev", "edge-lab-01"
+T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print(f"[demo {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+def sh(*args: str, env: dict | None = None, cwd: Path | None = None) -> str:
+    r = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"demo: {' '.join(args[:3])} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def _definitions_repo(state: Path) -> Path:
+    repo = state / "definitions"
+    if not (repo / ".git").exists():
+        shutil.copytree(EXAMPLES, repo, dirs_exist_ok=True)
+        sh("git", "init", "-q", "-b", "main", str(repo))
+        sh("git", "-C", str(repo), "add", "-A")
+        sh("git", "-C", str(repo), "-c", "user.name=platform", "-c", "user.email=platform@fleetwright.invalid",
+           "commit", "-q", "-m", "the example fleet")
+    return repo
+
+
+def _bump_version_in_git(repo: Path, cluster_file: str, old: str, new: str, message: str) -> None:
+    p = repo / cluster_file
+    text = p.read_text()
+    if new in text:
+        return
+    p.write_text(text.replace(old, new, 1))
+    sh("git", "-C", str(repo), "-c", "user.name=alice", "-c", "user.email=alice@fleetwright.invalid",
+       "commit", "-q", "-am", message)
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:  # noqa: BLE001
+            time.sleep(0.5)
+    raise SystemExit(f"demo: {url} did not answer in {timeout:.0f}s")
+
+
+def run(keep: bool = False, port: int = 4200) -> int:
+    import testenv
+    from testenv import common, hosts, kube
+    from testenv.connections import write_connections
+
+    cfg = common.Config.from_env()
+    state = cfg.state_dir / "demo"
+    state.mkdir(parents=True, exist_ok=True)
+    timings: list[tuple[str, float, dict]] = []
+
+    # 1. the test environment
+    t = time.monotonic()
+    say("starting the test environment (moto, vcsim, SSH hosts, kube-apiservers); a cold cache builds Kubernetes first")
+    env = testenv.up(cfg)
+    from backends.definitions import load_path
+    from models.resolve import resolve
+
+    defs = load_path(EXAMPLES)
+    for name in (VSPHERE_CLUSTER, METAL_CLUSTER):  # a VM's static IP and a metal host are real SSH hosts here
+        d = resolve(defs, name)
+        extra = d.node_pools[0].max_size if name == VSPHERE_CLUSTER else 0
+        addrs = [m.address for m in d.machines]
+        if extra:
+            import ipaddress
+
+            first_worker = ipaddress.IPv4Address(addrs[-1])
+            addrs += [str(first_worker + i) for i in range(1, 2)]
+        for a in addrs:
+            hosts.ensure_host(cfg, a)
+    eks = {AWS_CLUSTER: kube.ensure_control_plane(cfg, f"eks-{AWS_CLUSTER}")}
+    env = testenv.read_env(cfg)
+    conns = write_connections(state / "connections.json", env, eks)
+    timings.append(("test environment up", time.monotonic() - t, {}))
+
+    # 2. definitions in git
+    repo = _definitions_repo(state)
+    say(f"definitions repository: {repo}")
+
+    # 3. Prefect server on SQLite
+    t = time.monotonic()
+    api = f"http://127.0.0.1:{port}/api"
+    penv = dict(os.environ, PREFECT_HOME=str(state / "prefect"), PREFECT_API_URL=api,
+                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
+                PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(state / "results"),
+                FLEETWRIGHT_HOME=str(ROOT), FLEETWRIGHT_CONNECTIONS=str(conns),
+                FLEETWRIGHT_DEFINITIONS_REPO=str(repo), FLEETWRIGHT_RETRY_BASE_SECONDS="0.5",
+                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    prefect = str(Path(sys.executable).parent / "prefect")
+    if not common.is_running("prefect-server", cfg):
+        say(f"starting the Prefect server on 127.0.0.1:{port} (SQLite in {state / 'prefect'})")
+        common.start_process("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                             log=cfg.log_dir / "prefect-server.log", env=penv, cfg=cfg)
+    _wait_http(f"{api}/health", 90)
+    timings.append(("Prefect server ready", time.monotonic() - t, {}))
+
+    # 4. blocks, work pool, deployments, worker
+    t = time.monotonic()
+    os.environ.update({k: penv[k] for k in ("PREFECT_API_URL", "PREFECT_HOME")})
+    _save_blocks(env)
+    sh(prefect, "work-pool", "create", "fleetwright", "--type", "process", "--overwrite", env=penv)
+    say("deploying every flow from prefect.yaml")
+    sh(prefect, "--no-prompt", "deploy", "--all", env=penv, cwd=ROOT)
+    if not common.is_running("prefect-worker", cfg):
+        common.start_process("prefect-worker", [prefect, "worker", "start", "--pool", "fleetwright", "--limit", "8"],
+                             log=cfg.log_dir / "prefect-worker.log", env=penv, cfg=cfg, cwd=ROOT)
+    timings.append(("blocks, pool, deployments, worker", time.monotonic() - t, {}))
+    say(f"Prefect UI: http://127.0.0.1:{port}")
+
+    # 5. the scenario
+    results: list[dict] = []
+
+    def deploy(name: str, **params) -> dict:
+        from prefect.deployments import run_deployment
+
+        t1 = time.monotonic()
+        fr = run_deployment(name=f"{name}/{name}", parameters=params, timeout=1800, poll_interval=2)
+        seconds = time.monotonic() - t1
+        row = {"flow": name, "params": params, "state": fr.state.name if fr.state else "?", "seconds": round(seconds, 1),
+               "run": str(fr.id), **_overhead(fr.id)}
+        results.append(row)
+        say(f"{name} {json.dumps(params)}: {row['state']} in {seconds:.1f}s "
+            f"(backends {row['backend_seconds']:.1f}s, orchestration {row['overhead_seconds']:.1f}s)")
+        return row
+
+    def step(title: str, fn):
+        say(title)
+        t1 = time.monotonic()
+        out = fn()
+        timings.append((title, time.monotonic() - t1, {}))
+        return out
+
+    step("create clusters on aws, vsphere and metal (three runs at once)", lambda: list(ThreadPoolExecutor(3).map(
+        lambda c: deploy("create-cluster", cluster=c), [AWS_CLUSTER, VSPHERE_CLUSTER, METAL_CLUSTER])))
+    step("onboard team payments", lambda: deploy("onboard-team", team="payments"))
+    step("add external-dns to every dev cluster, in waves", lambda: deploy(
+        "add-component", component="external-dns", selector={"env": "dev"}, values={"domain": "dev.corp.example.com"}))
+    _bump_version_in_git(repo, "clusters/aws.yaml", "variables: {environment: staging, workers: 2, workerSize: medium}",
+                         'variables: {environment: staging, workers: 2, workerSize: medium, kubernetesVersion: "1.21"}',
+                         f"{AWS_CLUSTER}: Kubernetes 1.21")
+    step(f"upgrade {AWS_CLUSTER} 1.20 -> 1.21 (bumped in Git first)",
+         lambda: deploy("upgrade-cluster", cluster=AWS_CLUSTER, to_version="1.21"))
+    step("change things behind fleetwright's back", lambda: _out_of_band(conns))
+    step("reconcile-fleet: report and correct", lambda: deploy("reconcile-fleet", selector={}))
+    step("reconcile-fleet again: nothing left to correct", lambda: deploy("reconcile-fleet", selector={"tier": "web", "env": "dev"}))
+
+    # summary
+    print("\nSummary")
+    for r in results:
+        print(f"  {r['flow']:18} {r['state']:10} {r['seconds']:7.1f}s  {json.dumps(r['params'])}")
+    print(f"\nPrefect UI: http://127.0.0.1:{port}   (definitions repo: {repo})")
+    _record(timings, results)
+    if not keep:
+        say("stopping (use --keep to explore)")
+        for name in ("prefect-worker", "prefect-server"):
+            common.stop_process(name, cfg)
+        testenv.down(cfg)
+    bad = [r for r in results if r["state"] not in ("Completed",) and r["flow"] != "reconcile-fleet"]
+    return 1 if bad else 0
+
+
+def _save_blocks(env: dict) -> None:
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from tasks.blocks import AWS_BLOCK, SSH_BLOCK, VSPHERE_BLOCK, SshKey, VsphereCredentials
+
+    aws, vs, hosts = env["aws"], env["vsphere"], env["hosts"]
+    AwsCredentials(aws_access_key_id=aws["access_key_id"], aws_secret_access_key=aws["secret_access_key"],
+                   region_name=aws["region"],
+                   aws_client_parameters=AwsClientParameters(endpoint_url=aws["endpoint_url"])).save(AWS_BLOCK, overwrite=True)
+    VsphereCredentials(host=vs["host"], port=vs["port"], user=vs["user"], password=vs["password"],
+                       insecure=True).save(VSPHERE_BLOCK, overwrite=True)
+    SshKey(user=hosts.get("user", "root"), private_key=Path(hosts["private_key"]).read_text()).save(SSH_BLOCK, overwrite=True)
+
+
+def _out_of_band(conns: Path) -> None:
+    import boto3
+    from kubernetes import client as k8s
+
+    from backends import registry
+    from backends.connections import load_connections
+    from backends.definitions import load_path
+    from models.resolve import resolve
+
+    c = load_connections(conns)
+    d = resolve(load_path(EXAMPLES), VSPHERE_CLUSTER)
+    access = registry.infrastructure(d, c).kube_access(d)
+    kc = k8s.Configuration()
+    kc.host, kc.verify_ssl = access.server, not access.insecure
+    kc.ssl_ca_cert = access.ca_file
+    if access.token:
+        kc.api_key, kc.api_key_prefix = {"BearerToken": access.token}, {"BearerToken": "Bearer"}
+    api = k8s.ApiClient(kc)
+    k8s.CoreV1Api(api).patch_namespaced_config_map("ingress-nginx-controller", "ingress-nginx",
+                                                   {"data": {"proxy-body-size": "1g"}})
+    say(f"{VSPHERE_CLUSTER}: edited ConfigMap ingress-nginx/ingress-nginx-controller by hand (proxy-body-size=1g)")
+    a = c.aws
+    eks = boto3.client("eks", endpoint_url=a.endpoint_url, region_name="us-east-1",
+                       aws_access_key_id=a.access_key_id.get_secret_value(),
+                       aws_secret_access_key=a.secret_access_key.get_secret_value())
+    eks.update_nodegroup_config(clusterName=AWS_CLUSTER, nodegroupName="general",
+                                scalingConfig={"minSize": 1, "maxSize": 20, "desiredSize": 5})
+    say(f"{AWS_CLUSTER}: scaled node group general to 5 in the AWS API")
+
+
+def _overhead(flow_run_id) -> dict:
+    """Backend time = the sum of the run's task runs that call backends; the rest is orchestration."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as c:
+        fr = c.read_flow_run(flow_run_id)
+        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=500)
+        backend = sum((t.total_run_time.total_seconds() if t.total_run_time else 0.0) for t in tasks
+                      if t.name.split("-")[0] in ("observe", "apply", "health", "decommission")
+                      or t.task_key.split("-")[0] in ("observe_cluster", "apply_step", "health_gate"))
+        total = fr.total_run_time.total_seconds() if fr.total_run_time else 0.0
+    return {"backend_seconds": round(backend, 1), "overhead_seconds": round(max(total - backend, 0.0), 1),
+            "run_seconds": round(total, 1), "task_runs": len(tasks)}
+
+
+def _record(timings, results) -> None:
+    lines = ["## Demo: wall time per step and orchestration overhead", "",
+             f"Measured by `make demo` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. "
+             "Backend time is the summed run time of the flow's task runs that call backends "
+             "(observe, apply, health gates; concurrent clusters add up); orchestration is the flow run's "
+             "time less that, floored at 0.", "",
+             "| step | wall seconds |", "|---|---:|"]
+    lines += [f"| {title} | {secs:.1f} |" for title, secs, _ in timings]
+    lines += ["", "| flow run | state | wall s | run s | backend s | orchestration s | task runs |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['flow']} {json.dumps(r['params'])} | {r['state']} | {r['seconds']:.1f} | {r['run_seconds']:.1f} | "
+              f"{r['backend_seconds']:.1f} | {r['overhead_seconds']:.1f} | {r['task_runs']} |" for r in results]
+    path = ROOT / "bench" / "RESULTS.md"
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    start = old.find("## Demo:")
+    if start >= 0:
+        end = old.find("\n## ", start + 5)
+        old = old[:start] + (old[end + 1:] if end >= 0 else "")
+    path.write_text(old.rstrip() + "\n\n" + "\n".join(lines) + "\n")
