@@ -431,3 +431,51 @@ def test_11_access_by_ca_data_and_auth_failures_are_permanent(base, cp):
     finally:
         for b in (ok, bad_token, bad_ca):
             b.close()
+
+
+# --------------------------------------------------------------------------- 12: a Helm-sourced component
+
+
+PODINFO = """---
+apiVersion: fleetwright.io/v1alpha1
+kind: Component
+metadata:
+  name: podinfo
+spec:
+  version: 6.5.4
+  description: a Helm chart, installed by Flux's helm-controller from a HelmRelease
+  namespace: podinfo
+  kubernetes: {min: "1.20"}
+  values:
+    replicaCount: 2
+  source:
+    helm:
+      repository: https://stefanprodan.github.io/podinfo
+      chart: podinfo
+      version: 6.5.4
+"""
+
+
+def test_12_helm_component_is_applied_as_flux_objects(backend, base, files, admin):
+    converge(backend, base)
+    with_helm = desired_of(files, ("components/ingress.yaml", "aws: {available: false}\n",
+                                   "aws: {available: false}\n" + PODINFO),
+                           ("models/web-standard.yaml", "    - name: gatekeeper\n---", "    - name: gatekeeper\n    - name: podinfo\n---"))
+    podinfo = with_helm.component("podinfo")
+    assert podinfo.source == "helm" and "flux" in podinfo.depends_on
+    p = cluster_plan(backend, with_helm)
+    assert actions(p) == [("component.install", "podinfo")]
+    assert backend.apply(with_helm, p.steps[0]).changed
+    custom = client.CustomObjectsApi(admin)
+    release = custom.get_namespaced_custom_object("helm.toolkit.fluxcd.io", "v2beta1", "podinfo", "helmreleases", "podinfo")
+    assert release["spec"]["values"] == {"replicaCount": 2}
+    assert release["spec"]["chart"]["spec"]["sourceRef"] == {"kind": "HelmRepository", "name": "podinfo"}
+    repo = custom.get_namespaced_custom_object("source.toolkit.fluxcd.io", "v1beta2", "podinfo", "helmrepositories", "podinfo")
+    assert repo["spec"]["url"] == "https://stefanprodan.github.io/podinfo"
+    assert cluster_plan(backend, with_helm).empty
+    # a value edited in the HelmRelease by hand is drift like any other field
+    custom.patch_namespaced_custom_object("helm.toolkit.fluxcd.io", "v2beta1", "podinfo", "helmreleases", "podinfo",
+                                          {"spec": {"values": {"replicaCount": 5}}})
+    [d] = backend.observe(with_helm).components["podinfo"].drift
+    assert (d.path, d.desired, d.observed) == ("HelmRelease/podinfo/podinfo:spec.values.replicaCount", 2, 5)
+    converge(backend, base)
