@@ -140,7 +140,7 @@ def main() -> None:
             rows.append((n, c, y))
             print(f"clusters={n} core={c['seconds']:.3f}s yaml={y['seconds']:.3f}s ratio={c['seconds'] / y['seconds']:.2f} "
                   f"rss={c['max_rss_mib']:.0f}MiB", flush=True)
-    lines = ["## Core: load + resolve + plan", "",
+    lines = [
              f"Measured by `python bench/core.py` on {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
              f"{time.strftime('%Y-%m-%d')}. Best of 3 runs, each in a fresh process; file reading excluded.", "",
              "| clusters | core seconds | plain YAML seconds | ratio | max RSS MiB | RSS above import MiB | per cluster KiB |",
@@ -153,13 +153,9 @@ def main() -> None:
     growth = (c2["max_rss_mib"] - base) / max(c1["max_rss_mib"] - base, 1e-9)
     lines += ["", f"Memory above the import baseline ({base:.0f} MiB) grows {growth:.2f}x for {n2 / n1:.0f}x the clusters "
               f"(linear would be {n2 / n1:.0f}x). Goal: 2,000 clusters in at most 2 s, ratio at most 3.", ""]
-    results = ROOT / "bench" / "RESULTS.md"
-    old = results.read_text() if results.exists() else "# Benchmark results\n\n"
-    start = old.find("## Core: load + resolve + plan")
-    if start >= 0:
-        end = old.find("\n## ", start + 5)
-        old = old[:start] + (old[end + 1:] if end >= 0 else "")
-    results.write_text(old.rstrip() + "\n\n" + "\n".join(lines))
+    from fleetwright.results import write_section
+
+    write_section("Core: load + resolve + plan", lines)
     n, c, y = rows[0]
     print(f"core: clusters={n} seconds={c['seconds']:.3f} yaml_seconds={y['seconds']:.3f} ratio={c['seconds'] / y['seconds']:.2f}")
 

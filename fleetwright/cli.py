@@ -48,6 +48,17 @@ def _load(path: Path):
     return load_path(path)
 
 
+def _resolved(path: Path, cluster: str):
+    """Load PATH and resolve one cluster; an unknown cluster is a usage error (exit 2)."""
+    from models.resolve import resolve
+
+    defs = _load(path)
+    if cluster not in defs.clusters:
+        typer.echo(f"error: no Cluster {cluster!r}; known: {', '.join(sorted(defs.clusters))}", err=True)
+        raise typer.Exit(2)
+    return resolve(defs, cluster)
+
+
 @app.command()
 def validate(path: Path = typer.Argument(..., help="A definitions directory or file")) -> None:
     """Check every definition under PATH, and that every cluster resolves."""
@@ -64,14 +75,8 @@ def validate(path: Path = typer.Argument(..., help="A definitions directory or f
 def render(path: Path, cluster: str = typer.Option(..., "--cluster", "-c"),
            format: Format = typer.Option(Format.yaml, "--format", "-f")) -> None:
     """Print the fully resolved desired state of one cluster."""
-    from models.resolve import resolve
-
     try:
-        defs = _load(path)
-        if cluster not in defs.clusters:
-            typer.echo(f"error: no Cluster {cluster!r}; known: {', '.join(sorted(defs.clusters))}", err=True)
-            raise typer.Exit(2)
-        desired = resolve(defs, cluster)
+        desired = _resolved(path, cluster)
     except FleetwrightError as e:
         _fail(e)
     _emit(desired.model_dump(mode="json", by_alias=True), format)
@@ -86,14 +91,9 @@ def plan(path: Path, cluster: str = typer.Option(..., "--cluster", "-c"),
     from models.desired import ObservedCluster
     from models.load import parse_one
     from models.plan import plan as make_plan
-    from models.resolve import resolve
 
     try:
-        defs = _load(path)
-        if cluster not in defs.clusters:
-            typer.echo(f"error: no Cluster {cluster!r}; known: {', '.join(sorted(defs.clusters))}", err=True)
-            raise typer.Exit(2)
-        desired = resolve(defs, cluster)
+        desired = _resolved(path, cluster)
         if observed is None:
             obs = ObservedCluster(name=cluster)
         else:

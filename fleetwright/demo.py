@@ -258,7 +258,7 @@ def _overhead(flow_run_id) -> dict:
 
 
 def _record(timings, results) -> None:
-    lines = ["## Demo: wall time per step and orchestration overhead", "",
+    lines = [
              f"Measured by `make demo` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. "
              "Backend time is the summed run time of the flow's task runs that call backends "
              "(observe, apply, health gates; concurrent clusters add up); orchestration is the flow run's "
@@ -269,10 +269,6 @@ def _record(timings, results) -> None:
               "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['flow']} {json.dumps(r['params'])} | {r['state']} | {r['seconds']:.1f} | {r['run_seconds']:.1f} | "
               f"{r['backend_seconds']:.1f} | {r['overhead_seconds']:.1f} | {r['task_runs']} |" for r in results]
-    path = ROOT / "bench" / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find("## Demo:")
-    if start >= 0:
-        end = old.find("\n## ", start + 5)
-        old = old[:start] + (old[end + 1:] if end >= 0 else "")
-    path.write_text(old.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+    from fleetwright.results import write_section
+
+    write_section("Demo: wall time per step and orchestration overhead", lines)
