@@ -13,7 +13,6 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import ClientError
 
 from backends.aws import AwsBackend, COMPONENT_KEY
 from backends.base import CLUSTER_KEY, OWNER_KEY, OWNER_VALUE
@@ -59,26 +58,7 @@ def make_backend(env: dict[str, Any], **aws_kw: Any) -> AwsBackend:
     conn = Connections(aws=AwsConnection(endpoint_url=env["endpoint_url"], access_key_id=env["access_key_id"],
                                          secret_access_key=env["secret_access_key"],
                                          **{"wait_seconds": 0.1, "timeout_seconds": 30, **aws_kw}))
-    b = AwsBackend(conn)
-    # moto's server loads AWS managed IAM policies only with MOTO_IAM_LOAD_MANAGED_POLICIES=true. Without
-    # them, attach customer-managed stand-ins of the same names (the backend takes full ARNs as well).
-    iam = boto(env, "iam")
-    try:
-        iam.get_policy(PolicyArn="arn:aws:iam::aws:policy/AmazonEKSClusterPolicy")
-    except ClientError:
-        arns = {}
-        for n in (*b.cluster_policies, *b.node_policies):
-            try:
-                arns[n] = iam.create_policy(PolicyName=n, PolicyDocument=STAND_IN)[
-                    "Policy"]["Arn"]
-            except ClientError:  # made already by an earlier backend in this test
-                arns[n] = f"arn:aws:iam::123456789012:policy/{n}"
-        b.cluster_policies = tuple(arns[n] for n in b.cluster_policies)
-        b.node_policies = tuple(arns[n] for n in b.node_policies)
-    return b
-
-
-STAND_IN = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "eks:Describe*", "Resource": "*"}]}'
+    return AwsBackend(conn)
 
 
 @pytest.fixture
@@ -156,9 +136,15 @@ def test_create_from_nothing(env, backend, desired):
         assert ours({t["Key"]: t["Value"] for t in v["Tags"]})
     assert {s["AvailabilityZone"] for s in ec2.describe_subnets(SubnetIds=inv["subnets"])["Subnets"]} == {
         "us-east-1a", "us-east-1b"}
-    for r in inv["roles"]:
-        assert ours({t["Key"]: t["Value"] for t in iam.get_role(RoleName=r)["Role"]["Tags"]})
-        assert len(iam.list_attached_role_policies(RoleName=r)["AttachedPolicies"]) >= 1
+    policies = {"cluster": {"AmazonEKSClusterPolicy"},
+                "node": {"AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryReadOnly"}}
+    for kind, want in policies.items():
+        role = iam.get_role(RoleName=f"fw-{NAME}-{kind}")["Role"]
+        assert ours({t["Key"]: t["Value"] for t in role["Tags"]})
+        principal = {"cluster": "eks.amazonaws.com", "node": "ec2.amazonaws.com"}[kind]
+        assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": principal}
+        attached = iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]
+        assert {p["PolicyArn"] for p in attached} == {f"arn:aws:iam::aws:policy/{n}" for n in want}
     c = eks.describe_cluster(name=NAME)["cluster"]
     assert ours(c["tags"]) and c["roleArn"].endswith(f"role/fw-{NAME}-cluster")
     assert sorted(c["resourcesVpcConfig"]["subnetIds"]) == sorted(inv["subnets"])
@@ -352,7 +338,7 @@ def test_transient_faults_survived(env, backend, desired):
 def test_out_of_band_scale_is_drift(env, backend, desired):
     converge(backend, desired)
     eks = boto(env, "eks")
-    aws_settings(env, update_seconds=1.5)
+    aws_settings(env, update_seconds=1.0)
     eks.update_nodegroup_config(clusterName=NAME, nodegroupName="general",
                                 scalingConfig={"minSize": 1, "maxSize": 20, "desiredSize": 5})
     obs = backend.observe(desired)
