@@ -599,6 +599,17 @@ class AwsBackend:
             return None
         return self._wait(f"EKS cluster {desired.name} {want}", check)
 
+    def _active_cluster(self, desired: DesiredCluster, doing: str) -> dict[str, Any]:
+        """The cluster once it is ACTIVE (waits while it is CREATING or UPDATING), for ``doing``."""
+        c = self._cluster(desired)
+        if c is None:
+            raise PermanentError(f"EKS cluster {desired.name} does not exist; cannot {doing}")
+        if c["status"] == "DELETING":
+            raise InFlight(f"EKS cluster {desired.name} is being deleted; cannot {doing}")
+        if c["status"] != "ACTIVE":
+            c = self._wait_cluster(desired)
+        return c
+
     def _apply_cp_create(self, desired: DesiredCluster, step: Step):
         region = self._region(desired)
         c = self._cluster(desired)
@@ -716,9 +727,7 @@ class AwsBackend:
 
     def _create_nodegroup(self, desired: DesiredCluster, pool: str) -> dict[str, Any]:
         p = self._pool(desired, pool)
-        c = self._cluster(desired)
-        if c is None:
-            raise PermanentError(f"EKS cluster {desired.name} does not exist; create the control plane first")
+        c = self._active_cluster(desired, f"create node group {pool}")
         _vpc, subnets, _ready = self._network(desired)
         role = self._role(desired, self.role_names(desired)["node"])
         if role is None or not subnets:
@@ -855,8 +864,7 @@ class AwsBackend:
         if comp is None or comp.source != "eksAddon" or not comp.addon:
             raise PermanentError(f"component {step.object} is not an EKS add-on of {desired.name}")
         name, version, config = comp.addon["name"], comp.addon["version"], _addon_config(comp)
-        if self._cluster(desired) is None:
-            raise PermanentError(f"EKS cluster {desired.name} does not exist; cannot install add-on {name}")
+        self._active_cluster(desired, f"install add-on {name}")
         r = self._call("eks", region, "describe_addon", missing_ok=True, clusterName=desired.name, addonName=name)
         a = r["addon"] if r else None
         if a is not None and not _owned(a.get("tags"), desired.name):

@@ -172,6 +172,27 @@ def test_second_apply_changes_nothing(env, backend, desired):
     assert make_backend(env).observe(desired) == before
 
 
+def test_resume_after_a_crash_mid_create(env, backend, desired):
+    """A worker died right after CreateCluster: the re-run waits for CREATING and finishes, no duplicate."""
+    aws_settings(env, create_seconds=1.0)
+    steps = infra_steps(desired, backend.observe(desired))
+    backend.apply(desired, steps[0])  # infrastructure.ensure
+    subnets = inventory(env)["subnets"]
+    role = boto(env, "iam").get_role(RoleName=f"fw-{NAME}-cluster")["Role"]["Arn"]
+    boto(env, "eks").create_cluster(name=NAME, version="1.20", roleArn=role, resourcesVpcConfig={"subnetIds": subnets},
+                                    tags=backend.tags(desired))  # what the dead worker's create_cluster did
+    obs = backend.observe(desired)
+    assert obs.exists and obs.in_flight == [f"EKS cluster {NAME} CREATING"]
+    rest = infra_steps(desired, obs)
+    assert [s.action for s in rest] == ["nodePool.create", "component.install"]
+    for s in rest:  # nodePool.create waits for the cluster to leave CREATING
+        assert backend.apply(desired, s).changed
+    assert not backend.apply(desired, steps[1]).changed  # controlPlane.create: the cluster is there
+    assert infra_steps(desired, backend.observe(desired)) == []
+    inv = inventory(env)
+    assert inv["clusters"] == [NAME] and inv["nodegroups"] == ["general"] and len(inv["vpcs"]) == 1
+
+
 # --------------------------------------------------------------------------- 3: changes
 
 def test_scale_upgrade_and_addon_change(env, backend, desired):
