@@ -25,6 +25,7 @@ CLUSTER_SCOPED = {
     "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration", "IngressClass", "APIService",
     "PersistentVolume", "CSIDriver", "RuntimeClass", "PodSecurityPolicy", "VolumeSnapshotClass",
 }
+SYSTEM_NAMESPACES = {"default", "kube-system", "kube-public", "kube-node-lease"}  # never ours to create or delete
 _KIND_ORDER = {"Namespace": 0, "CustomResourceDefinition": 1, "ServiceAccount": 2, "ClusterRole": 3, "Role": 3,
                "ClusterRoleBinding": 4, "RoleBinding": 4, "ConfigMap": 5, "Secret": 5}
 _REF = re.compile(r"\$\{((?:values|cluster|component)(?:\.[A-Za-z0-9_-]+)+)\}")
@@ -154,7 +155,7 @@ def prepare(comp: Component, source: Source, values: dict) -> Template:
     kind = source.kind()
     if kind == "eksAddon":
         return Template([], values, {"name": source.eks_addon.name, "version": source.eks_addon.version}, kind)
-    objects: list[dict] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}]
+    objects: list[dict] = [] if ns in SYSTEM_NAMESPACES else [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}]
     if kind == "manifests":
         for i, m in enumerate(source.manifests):
             obj = _fill(m, root, ("manifests", i))

@@ -45,7 +45,10 @@ def cluster_lock(cluster: str, timeout_seconds: float | None = None):
     name = lock_name(cluster)
     ensure_limit(name, 1)
     lease = max(60.0, float(os.environ.get("FLEETWRIGHT_LOCK_LEASE_SECONDS", "60")))  # the server's minimum is 60
-    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, lease_duration=lease, strict=True):
+    # A failed lease renewal (the API briefly unavailable) logs and carries on rather than killing a step
+    # half-way: a half-done step is worse than the small chance of a second holder after a long outage.
+    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, lease_duration=lease, strict=True,
+                     raise_on_lease_renewal_failure=False):
         yield
 
 

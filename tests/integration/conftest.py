@@ -67,23 +67,67 @@ FLEET = ("fw-canary", "fw-dev", "fw-stage", "fw-prod")
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    """A real Prefect server on SQLite for the whole session (prefect_test_harness)."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(tmp_path_factory):
+    """A real ``prefect server start`` on its SQLite database, with its background services (lease reaping)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-    with prefect_test_harness(server_startup_timeout=90):
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            yield os.environ.get("PREFECT_API_URL")
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="2", PREFECT_LOGGING_LEVEL="WARNING")
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except Exception:  # noqa: BLE001
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"prefect server did not become healthy in 90s: {(home / 'server.log').read_text()[-2000:]}")
+    old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield url
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 @pytest.fixture(scope="module")
-def aws_fleet(tmp_path_factory, testenv_config, kube_factory, prefect_api):
+def aws_fleet(tmp_path_factory, testenv_config, kube_factory, prefect_api, _aws_session):
     """Definitions for four EKS clusters, a connections file pointing at the test environment, env set."""
     import testenv
     from testenv.connections import write_connections
 
-    aws = testenv.up_part(testenv_config, "aws")
+    aws = _aws_session  # started (and stopped at session end) by the testenv plugin
     testenv.load_part("aws").reset(testenv_config)
     root = tmp_path_factory.mktemp("fleet") / "defs"
     for sub in ("components", "models", "teams"):
@@ -95,7 +139,9 @@ def aws_fleet(tmp_path_factory, testenv_config, kube_factory, prefect_api):
     teams = root / "teams" / "teams.yaml"
     teams.write_text(teams.read_text().replace("matchLabels: {tier: web}", "matchLabels: {tier: flowtest}")
                      .replace("clusters: [ml-train-dev]", "clusters: []"))
-    endpoints = {name: kube_factory(f"flow-{name}") for name in FLEET}
+    run = os.urandom(3).hex()  # fresh control planes every run: never reuse a kept one's data
+    cp_names = {name: f"flow{run}-{name}" for name in FLEET}
+    endpoints = {name: kube_factory(cp_names[name]) for name in FLEET}
     conns = write_connections(root.parent / "connections.json", {"aws": aws}, endpoints)
     old = {k: os.environ.get(k) for k in ("FLEETWRIGHT_CONNECTIONS", "FLEETWRIGHT_USE_BLOCKS",
                                           "FLEETWRIGHT_RETRY_BASE_SECONDS", "FLEETWRIGHT_LOCK_LEASE_SECONDS")}
@@ -104,7 +150,7 @@ def aws_fleet(tmp_path_factory, testenv_config, kube_factory, prefect_api):
     from tasks.blocks import connections
 
     connections.cache_clear()
-    yield {"root": root, "aws": aws, "endpoints": endpoints, "connections": conns,
+    yield {"root": root, "aws": aws, "endpoints": endpoints, "connections": conns, "cp_names": cp_names,
            "testenv_config": testenv_config}
     for k, v in old.items():
         if v is None:

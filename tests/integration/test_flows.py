@@ -159,12 +159,12 @@ def test_wave_halts_when_the_canary_fails(aws_fleet):
     from models.waves import WavePolicy
     from testenv import kube
 
-    kube.stop_control_plane(aws_fleet["testenv_config"], "flow-fw-canary")
+    kube.stop_control_plane(aws_fleet["testenv_config"], aws_fleet["cp_names"]["fw-canary"])
     try:
         state = add_component(component="external-dns", selector={"tier": "flowtest"}, source=src(aws_fleet),
                               waves=WavePolicy(max_failure_ratio=0.0), return_state=True)
     finally:
-        kube.start_control_plane(aws_fleet["testenv_config"], "flow-fw-canary")
+        kube.start_control_plane(aws_fleet["testenv_config"], aws_fleet["cp_names"]["fw-canary"])
     assert state.is_failed()
     assert "fw-canary" in str(state.message)
     # nothing after the canary was touched, and nothing was recorded in the definitions
