@@ -1,0 +1,279 @@
+"""The vSphere backend against vcsim plus real SSH hosts at the VMs' static IPs (cluster dc1-web-dev).
+
+vcsim has no guests, so the test environment starts an SSH host at each VM's address
+(127.0.1.20 control plane, .21 worker, .22 the worker added by scaling) with
+``testenv.hosts.ensure_host`` before the backend bootstraps Kubernetes there with the playbooks.
+The tests run in order and share the cluster; the module deletes it at the start and the end.
+"""
+from __future__ import annotations
+
+import base64
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from backends import ansible
+from backends.base import CLUSTER_KEY, OWNER_KEY
+from backends.connections import Connections, SshConnection, VsphereConnection
+from backends.definitions import read_tree
+from backends.vsphere import POOL_KEY, VsphereBackend
+from models.desired import ObservedCluster
+from models.errors import InFlight, OwnershipConflict, TransientError
+from models.load import load
+from models.plan import Step, plan
+from models.resolve import resolve
+from testenv import hosts, kube, vcsim
+from testenv.common import Config
+
+pytestmark = pytest.mark.timeout(300)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "fleet"
+CLUSTER = "dc1-web-dev"
+CP, W1, W2 = "127.0.1.20", "127.0.1.21", "127.0.1.22"
+TIMINGS: dict[str, float] = {}
+
+
+def desired(workers: int = 1, version: str = "1.20"):
+    f = {k.replace(str(EXAMPLES) + "/", ""): v for k, v in read_tree(EXAMPLES).items()}
+    old = "variables: {environment: dev, workers: 1, workerSize: small}"
+    assert old in f["clusters/vsphere.yaml"]
+    f["clusters/vsphere.yaml"] = f["clusters/vsphere.yaml"].replace(
+        old, f'variables: {{environment: dev, workers: {workers}, workerSize: small, kubernetesVersion: "{version}"}}')
+    return resolve(load(f), CLUSTER)
+
+
+def infra_steps(backend, d, observed=None):
+    return [s for s in plan(d, observed or backend.observe(d)).steps if s.target == "infrastructure"]
+
+
+def ssh(section, address: str, command: str, check: bool = True) -> subprocess.CompletedProcess:
+    argv = ["ssh", "-i", section["private_key"], *section["ssh_common_args"].split(), "-o", "ConnectTimeout=5",
+            f"root@{address}", command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=check)
+
+
+def kube_api(access, tmp: Path):
+    from kubernetes import client
+
+    ca = tmp / "ca.crt"
+    ca.write_bytes(base64.b64decode(access.ca_data))
+    c = client.Configuration()
+    c.host, c.ssl_ca_cert = access.server, str(ca)
+    c.api_key, c.api_key_prefix = {"BearerToken": access.token}, {"BearerToken": "Bearer"}
+    return client.CoreV1Api(client.ApiClient(c))
+
+
+def vms_named(section, name: str):
+    """Every VM with this name in the datacenter (vcsim allows duplicates): (vm, {attribute: value})."""
+    from pyVim.connect import Disconnect
+    from pyVmomi import vim
+
+    si = vcsim.connect(section)
+    try:
+        content = si.RetrieveContent()
+        fields = {f.key: f.name for f in content.customFieldsManager.field or []}
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        try:
+            return [(vm.name, {fields.get(cv.key): cv.value for cv in vm.customValue}, vm.config.hardware.numCPU,
+                     vm.config.hardware.memoryMB, {o.key: o.value for o in vm.config.extraConfig},
+                     vm.runtime.powerState) for vm in view.view if vm.name == name]
+        finally:
+            view.Destroy()
+    finally:
+        Disconnect(si)
+
+
+def ours(section) -> list[str]:
+    from pyVim.connect import Disconnect
+    from pyVmomi import vim
+
+    si = vcsim.connect(section)
+    try:
+        content = si.RetrieveContent()
+        fields = {f.key: f.name for f in content.customFieldsManager.field or []}
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        try:
+            return sorted(vm.name for vm in view.view
+                          if {fields.get(cv.key): cv.value for cv in vm.customValue}.get(CLUSTER_KEY) == CLUSTER)
+        finally:
+            view.Destroy()
+    finally:
+        Disconnect(si)
+
+
+@pytest.fixture(scope="module")
+def env(vsphere_env, testenv_config, tmp_path_factory):
+    cfg = Config(state_dir=tmp_path_factory.mktemp("vsphere-env") / "state", cache_dir=testenv_config.cache_dir)
+    section = hosts.up(cfg, n=0)  # SSH hosts of this module's own (private state dir)
+    for a in (CP, W1):
+        hosts.ensure_host(cfg, a)
+    conn = Connections(
+        vsphere=VsphereConnection(host=vsphere_env["host"], port=vsphere_env["port"], user=vsphere_env["user"],
+                                  password=vsphere_env["password"], insecure=True),
+        ssh=SshConnection(user=section["user"], private_key_file=section["private_key"],
+                          extra_args=section["ssh_common_args"], supervisor=section["supervisor"]),
+        kube_binaries=kube.binaries(cfg))
+    lines: list[str] = []
+    backend = VsphereBackend(conn, log=lines.append)
+    try:
+        backend.delete(desired(workers=2))  # leftovers of an earlier run
+        yield {"backend": backend, "conn": conn, "hosts": section, "cfg": cfg, "vsphere": vsphere_env,
+               "lines": lines, "tmp": tmp_path_factory.mktemp("vsphere")}
+        backend.delete(desired(workers=2))
+    finally:
+        hosts.down(cfg)
+        print("vsphere timings:", {k: round(v, 1) for k, v in TIMINGS.items()})
+
+
+def test_create_from_nothing(env):
+    b, d, vs = env["backend"], desired(), env["vsphere"]
+    t = time.monotonic()
+    steps = infra_steps(b, d)
+    assert [s.action for s in steps] == ["infrastructure.ensure", "controlPlane.create", "nodePool.create"]
+    for s in steps:
+        assert b.apply(d, s).changed
+    TIMINGS["create"] = time.monotonic() - t
+    # the VMs: cloned, marked, sized from the Machine, static IP in guestinfo, powered on
+    (cp,) = vms_named(vs, "dc1-web-dev-cp-0")
+    (w,) = vms_named(vs, "dc1-web-dev-general-0")
+    assert cp[1][OWNER_KEY] == "fleetwright" and cp[1][CLUSTER_KEY] == CLUSTER
+    assert w[1][POOL_KEY] == "general"
+    assert (cp[2], cp[3]) == (2, 8192) and (w[2], w[3]) == (2, 4096)
+    assert cp[4]["guestinfo.fleetwright.address"] == CP and w[4]["guestinfo.fleetwright.address"] == W1
+    assert cp[5] == "poweredOn" and w[5] == "poweredOn"
+
+    o = b.observe(d)
+    assert o.infrastructure and o.exists and o.kubernetes_version == "1.20" and o.control_plane_replicas == 1
+    assert o.node_pools["general"].replicas == 1 and o.node_pools["general"].machine == {"cpu": 2, "memoryMiB": 4096}
+    assert infra_steps(b, d, o) == []
+    access = b.kube_access(d)
+    assert access.server == f"https://{CP}:6443"
+    api = kube_api(access, env["tmp"])
+    assert "default" in {n.metadata.name for n in api.list_namespace().items}
+    assert [n.metadata.name for n in api.list_node().items] == ["dc1-web-dev-general-0"]
+
+
+def test_second_apply_changes_nothing(env):
+    b, d = env["backend"], desired()
+    t = time.monotonic()
+    for action, obj in (("infrastructure.ensure", CLUSTER), ("controlPlane.create", CLUSTER),
+                        ("nodePool.create", "general")):
+        r = b.apply(d, Step(id=f"{CLUSTER}/{action}/again", cluster=CLUSTER, action=action, target="infrastructure",
+                            object=obj, reason="again", params={"version": "1.20"}))
+        assert r.changed is False, r
+    TIMINGS["re-apply (no changes)"] = time.monotonic() - t
+    assert ours(env["vsphere"]) == ["dc1-web-dev-cp-0", "dc1-web-dev-general-0"]  # no duplicate VM
+
+
+def test_in_flight_is_refused(env):
+    b, d = env["backend"], desired()
+    step = plan(d, ObservedCluster(name=CLUSTER)).steps[0]
+    with ansible.cluster_lock(CLUSTER, "test"):
+        assert b.observe(d).in_flight
+        with pytest.raises(InFlight):
+            b.apply(d, step)
+
+
+def test_clone_delayed_past_the_timeout_is_transient_and_the_retry_makes_no_duplicate(env):
+    """vcsim delays CloneVM_Task beyond the client's timeout: TransientError; the retry finishes the job."""
+    b, d2 = env["backend"], desired(workers=2)
+    hosts.ensure_host(env["cfg"], W2)
+    steps = infra_steps(b, d2)
+    assert [s.action for s in steps] == ["infrastructure.ensure", "nodePool.scale"]
+    impatient = VsphereBackend(env["conn"], log=env["lines"].append, soap_timeout=1.5)
+    t = time.monotonic()
+    with vcsim.method_delay(Config(), CloneVM_Task=3000):
+        with pytest.raises(TransientError):
+            impatient.apply(d2, steps[0])
+        time.sleep(2.5)  # the delayed call finishes inside vcsim after our client gave up
+    TIMINGS["clone past timeout -> TransientError"] = time.monotonic() - t
+    t = time.monotonic()
+    for s in steps:  # the retry (and the scale step)
+        b.apply(d2, s)
+    TIMINGS["retry + scale up by one"] = time.monotonic() - t
+    assert len(vms_named(env["vsphere"], "dc1-web-dev-general-1")) == 1  # exactly one VM, marked
+    # vcsim finished the timed-out clone; the retry found it unmarked in our folder and adopted it
+    assert sum("cloning dc1-web-dev-general-1" in ln for ln in env["lines"]) == 1, env["lines"]
+    assert vms_named(env["vsphere"], "dc1-web-dev-general-1")[0][1][CLUSTER_KEY] == CLUSTER
+    o = b.observe(d2)
+    assert o.node_pools["general"].replicas == 2 and infra_steps(b, d2, o) == []
+    api = kube_api(b.kube_access(d2), env["tmp"])
+    assert sorted(n.metadata.name for n in api.list_node().items) == ["dc1-web-dev-general-0",
+                                                                      "dc1-web-dev-general-1"]
+
+
+def test_upgrade_then_scale_down(env):
+    b = env["backend"]
+    d3 = desired(workers=2, version="1.21")
+    t = time.monotonic()
+    steps = infra_steps(b, d3)
+    assert [s.action for s in steps] == ["controlPlane.upgrade", "nodePool.upgrade"]
+    for s in steps:
+        assert b.apply(d3, s).changed
+    TIMINGS["upgrade 1.20 -> 1.21"] = time.monotonic() - t
+    o = b.observe(d3)
+    assert o.kubernetes_version == "1.21" and o.node_pools["general"].version == "1.21"
+    assert infra_steps(b, d3, o) == []
+
+    d4 = desired(workers=1, version="1.21")
+    t = time.monotonic()
+    steps = infra_steps(b, d4)
+    assert [s.action for s in steps] == ["nodePool.scale"]
+    assert b.apply(d4, steps[0]).changed
+    TIMINGS["scale down by one"] = time.monotonic() - t
+    assert ours(env["vsphere"]) == ["dc1-web-dev-cp-0", "dc1-web-dev-general-0"]
+    api = kube_api(b.kube_access(d4), env["tmp"])
+    assert [n.metadata.name for n in api.list_node().items] == ["dc1-web-dev-general-0"]
+    assert ssh(env["hosts"], W2, "test -e /etc/fleetwright/cluster", check=False).returncode == 1
+    assert infra_steps(b, d4) == []
+
+
+def test_delete_leaves_nothing(env):
+    b, section = env["backend"], env["hosts"]
+    d = desired(version="1.21")
+    t = time.monotonic()
+    b.delete(d)
+    TIMINGS["delete"] = time.monotonic() - t
+    assert ours(env["vsphere"]) == []
+    o = b.observe(d)
+    assert not o.infrastructure and not o.exists
+    for a in (CP, W1, W2):
+        out = ssh(section, a, f"ls -A /etc/fleetwright /var/lib/fleetwright 2>/dev/null; "
+                              f"{section['supervisor']} list", check=False).stdout
+        assert "running" not in out and "cluster" not in out and "state.json" not in out, (a, out)
+    assert b.delete(d).changed is False
+
+
+def test_an_unmarked_same_named_vm_is_refused(env):
+    """Someone else's VM named like the worker fleetwright would add: never adopted, changed or deleted."""
+    from pyVim.connect import Disconnect
+    from pyVim.task import WaitForTask
+    from pyVmomi import vim
+
+    b, vs = env["backend"], env["vsphere"]
+    si = vcsim.connect(vs)
+    try:
+        c = si.RetrieveContent()
+        tpl = c.searchIndex.FindByInventoryPath(vs["template_path"])
+        cl = c.searchIndex.FindByInventoryPath(f"{vs['datacenter']}/host/{vs['cluster']}")
+        ds = next(x for x in cl.datastore if x.name == vs["datastore"])
+        task = tpl.CloneVM_Task(folder=c.searchIndex.FindByInventoryPath(f"{vs['datacenter']}/vm"),
+                                name="dc1-web-dev-general-1",
+                                spec=vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=cl.resourcePool, datastore=ds)))
+        WaitForTask(task)
+        foreign = task.info.result
+        try:
+            d2 = desired(workers=2, version="1.21")
+            with pytest.raises(OwnershipConflict, match="dc1-web-dev-general-1"):
+                b.observe(d2)
+            with pytest.raises(OwnershipConflict, match="dc1-web-dev-general-1"):
+                b.apply(d2, plan(d2, ObservedCluster(name=CLUSTER)).steps[0])
+            b.delete(d2)  # nothing of ours is left; the foreign VM is not touched
+            (left,) = vms_named(vs, "dc1-web-dev-general-1")
+            assert CLUSTER_KEY not in left[1]  # untouched
+        finally:
+            WaitForTask(foreign.Destroy_Task())
+    finally:
+        Disconnect(si)
