@@ -95,7 +95,7 @@ def add_component(component: str, selector: dict[str, str], values: dict = {},  
 
     key = run_key(idempotency_key)
     outcomes, record = run_waves("add-component", desired, waves, dry_run=dry_run, idempotency_key=key,
-                                 step_filter=only_component)
+                                 step_filter=only_component, versions_matter=False)
     if not dry_run and record_in_git and not record["halted"]:
         sel = "-".join(f"{k}-{v}" for k, v in sorted(selector.items())).replace("/", "-").replace(".", "-")
         name = f"{component}-{sel}"[:63].strip("-")
@@ -147,7 +147,7 @@ def onboard_team(team: str, source: Optional[DefinitionsSource] = None, dry_run:
     from .common import in_threads
 
     outcomes = in_threads(lambda n: converge((d := r.resolve(n)), dry_run=dry_run, idempotency_key=key,
-                                             step_filter=for_team(d)), names)
+                                             step_filter=for_team(d), versions_matter=False), names)
     return finish("onboard-team", outcomes, dry_run=dry_run)
 
 

@@ -130,8 +130,13 @@ def drift_lines(observed: ObservedCluster, p: Plan) -> list[str]:
 
 
 def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
-             step_filter: Callable[[Step], bool] | None = None, lock_timeout: float | None = None) -> Outcome:
-    """Observe, plan and (unless ``dry_run``) apply one cluster's steps under its lock, then verify."""
+             step_filter: Callable[[Step], bool] | None = None, lock_timeout: float | None = None,
+             versions_matter: bool = True) -> Outcome:
+    """Observe, plan and (unless ``dry_run``) apply one cluster's steps under its lock, then verify.
+
+    ``versions_matter=False`` (a flow that only touches components or workspaces) lets a refused
+    Kubernetes version change stand aside instead of stopping the run.
+    """
     t0 = time.monotonic()
     log = _log()
     keep = step_filter or (lambda s: True)
@@ -142,7 +147,7 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
         p = plan(desired, observed)
         steps = [s for s in p.steps if keep(s)]
         rows = [r for r, s in zip(plan_rows(p), p.steps) if keep(s)]
-        if p.refused:
+        if p.refused and versions_matter:
             return Outcome(desired.name, "refused", rows, reason="; ".join(p.refused), seconds=time.monotonic() - t0)
         if not steps:
             return Outcome(desired.name, "unchanged", [], seconds=time.monotonic() - t0)

@@ -194,11 +194,14 @@ def test_rollout_waits_for_approval_then_proceeds(aws_fleet):
     t.start()
     run_id = None
     deadline = time.time() + 90
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
     with get_client(sync_client=True) as c:
         while time.time() < deadline and run_id is None:
-            for fr in c.read_flow_runs(limit=20):
-                if fr.state and fr.state.is_paused() and fr.name and fr.flow_id:
-                    run_id = fr.id
+            runs = c.read_flow_runs(flow_run_filter=paused, limit=5)
+            run_id = runs[0].id if runs else None
             time.sleep(0.5)
     assert run_id, "the rollout never paused for approval"
     assert "cert-manager" not in namespaces(aws_fleet, "fw-prod")
