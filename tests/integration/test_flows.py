@@ -6,6 +6,7 @@ upgrade, onboarding, decommission.
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import signal
 import subprocess
@@ -113,42 +114,42 @@ def test_crash_and_resume_converges_without_duplicates(aws_fleet):
     assert [c.metadata.name for c in cms.items].count("prometheus-settings") == 1
 
 
-def test_two_flows_on_one_cluster_are_serialised(aws_fleet, monkeypatch):
-    import tasks.cluster as tc
+def in_thread(fn, *args) -> threading.Thread:
+    """A thread that keeps this test's Prefect settings (API URL): contextvars are not inherited otherwise."""
+    ctx = contextvars.copy_context()
+    t = threading.Thread(target=ctx.run, args=(fn, *args))
+    t.start()
+    return t
+
+
+def test_two_flows_on_one_cluster_are_serialised(aws_fleet):
+    """A flow holding fw-dev's lock makes a second flow on fw-dev wait until it is done."""
+    from prefect import flow
+
     from flows.lifecycle import create_cluster
+    from tasks.locks import cluster_lock
 
-    held: list[tuple[str, float, float]] = []
-    real = tc.cluster_lock
+    times: dict[str, float] = {}
 
-    from contextlib import contextmanager
+    @flow(name="hold-cluster-lock")
+    def hold(cluster: str, seconds: float):
+        with cluster_lock(cluster):
+            times["held"] = time.monotonic()
+            time.sleep(seconds)
+            times["released"] = time.monotonic()
 
-    @contextmanager
-    def recording(name, timeout_seconds=None):
-        with real(name, timeout_seconds):
-            t0 = time.monotonic()
-            time.sleep(1.0)  # hold it long enough that an overlap would show
-            yield
-            held.append((threading.current_thread().name, t0, time.monotonic()))
-
-    monkeypatch.setattr(tc, "cluster_lock", recording)
-    # make the cluster need work twice: scale the node group behind fleetwright's back
+    # fw-dev needs work: its node group was scaled behind fleetwright's back
     eks(aws_fleet["aws"]).update_nodegroup_config(clusterName="fw-dev", nodegroupName="workers",
                                                   scalingConfig={"minSize": 1, "maxSize": 3, "desiredSize": 3})
-    results = {}
-
-    def run(tag):
-        results[tag] = create_cluster(cluster="fw-dev", source=src(aws_fleet))
-
-    threads = [threading.Thread(target=run, args=(t,), name=t) for t in ("a", "b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert len(held) == 2, (held, results)
-    (_, a0, a1), (_, b0, b1) = sorted(held, key=lambda h: h[1])
-    assert a1 <= b0, f"lock held concurrently: {held}"
-    statuses = sorted(r["clusters"][0]["status"] for r in results.values())
-    assert statuses in (["converged", "unchanged"], ["converged", "converged"])
+    holder = in_thread(hold, "fw-dev", 8.0)
+    while "held" not in times:
+        time.sleep(0.1)
+    out = create_cluster(cluster="fw-dev", source=src(aws_fleet))
+    finished = time.monotonic()
+    holder.join(60)
+    (c,) = out["clusters"]
+    assert c["status"] == "converged" and [d["action"] for d in c["done"]] == ["nodePool.scale"]
+    assert finished > times["released"], "create-cluster changed fw-dev while another flow held its lock"
     ng = eks(aws_fleet["aws"]).describe_nodegroup(clusterName="fw-dev", nodegroupName="workers")["nodegroup"]
     assert ng["scalingConfig"]["desiredSize"] == 1
 
@@ -190,8 +191,7 @@ def test_rollout_waits_for_approval_then_proceeds(aws_fleet):
     from flows.lifecycle import create_cluster
 
     assert create_cluster(cluster="fw-prod", source=src(aws_fleet))["clusters"][0]["status"] == "converged"
-    t = threading.Thread(target=run)
-    t.start()
+    t = in_thread(run)
     run_id = None
     deadline = time.time() + 90
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType

@@ -11,7 +11,8 @@ from .conftest import EXAMPLES
 
 
 @pytest.fixture(scope="module")
-def onprem(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, prefect_api):
+def onprem(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluster, prefect_api):
+    """kube_cluster: the Kubernetes binaries the playbooks start on the hosts are built and listed."""
     import json
     import os
 
