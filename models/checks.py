@@ -66,7 +66,8 @@ def check(defs: Definitions, loc: Locator) -> list[Problem]:
             claimed.setdefault(ns.name, tname)
 
     addresses: dict[str, str] = {}
-    for cname, cluster in sorted(defs.clusters.items()):
+    for cname in sorted(defs.clusters):
+        cluster = defs.clusters[cname]
         key = ("Cluster", cname)
         if cluster.spec.owner and cluster.spec.owner not in defs.teams:
             at(key, ("spec", "owner"), f"no Team {cluster.spec.owner!r}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict
 
 from .desired import DesiredCluster, ObservedCluster
+from .util import construct
 
 
 Action = Literal[
@@ -167,4 +168,4 @@ def plan(desired: DesiredCluster, observed: ObservedCluster) -> Plan:
     for pool in sorted(set(observed.node_pools) - {p.name for p in desired.node_pools}):
         add("nodePool.delete", pool, f"node pool {pool} is no longer in the model")
 
-    return Plan.model_construct(cluster=name, desired_hash=desired.hash, steps=[] if refused and not steps else steps, refused=refused)
+    return construct(Plan, cluster=name, desired_hash=desired.hash, steps=[] if refused and not steps else steps, refused=refused)

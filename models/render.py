@@ -82,19 +82,6 @@ def _holes(value: Any, path: tuple, out: list) -> list:
     return out
 
 
-def _patch(tree: Any, path: tuple, root: dict) -> Any:
-    """A copy of ``tree`` with the string at ``path`` filled; only the containers on the path are copied."""
-    if not path:
-        return _fill(tree, root, ())
-    head, rest = path[0], path[1:]
-    if isinstance(tree, dict):
-        out = dict(tree)
-    else:
-        out = list(tree)
-    out[head] = _patch(tree[head], rest, root)
-    return out
-
-
 def _as_text(v: Any) -> str:
     """ConfigMap data is text; a typed value substituted into it is written as YAML would show it."""
     if isinstance(v, bool):
@@ -131,18 +118,24 @@ class Template:
         self.holes = _holes(objects, ("objects",), []) + _holes(values, ("values",), [])
 
     def finish(self, ctx: dict) -> tuple[list[dict], dict, list]:
-        """(objects, values, filled strings) for one cluster."""
+        """(objects, values, filled strings) for one cluster; each container on a hole's path is copied once."""
         if not self.holes:
             return self.objects, self.values, []
-        tree = {"objects": self.objects, "values": self.values}
+        tree = {"objects": list(self.objects), "values": dict(self.values)}
+        fresh = {id(tree["objects"]), id(tree["values"])}
         root = {"cluster": ctx}
         filled = []
         for path in self.holes:
-            tree = _patch(tree, path, root)
             cur: Any = tree
-            for part in path:
-                cur = cur[part]
-            filled.append(cur)
+            for part in path[:-1]:
+                child = cur[part]
+                if id(child) not in fresh:
+                    child = dict(child) if isinstance(child, dict) else list(child)
+                    cur[part] = child
+                    fresh.add(id(child))
+                cur = child
+            cur[path[-1]] = value = _fill(cur[path[-1]], root, path)
+            filled.append(value)
         return tree["objects"], tree["values"], filled
 
 

@@ -7,6 +7,7 @@ and cheap.
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from typing import Any
@@ -16,7 +17,7 @@ from .errors import Problem, SpecInvalid
 from .load import Definitions, DocRef, Locator
 from .spec import K8S_MINOR, Cluster, ClusterModel, Component, Variable
 from . import render, translate
-from .util import canonical_hash, deep_merge
+from .util import canonical_hash, construct, deep_merge
 
 _VAR = re.compile(r"\$\{var\.([a-zA-Z][a-zA-Z0-9_]*)\}")
 _PROTECTED_LABEL = "fleetwright.io/protected"
@@ -37,6 +38,10 @@ class Resolver:
         self._candidates: dict[tuple[str, str], list[str]] = {}
         self._workspace_cache: dict[str, DesiredWorkspace] = {}
         self._dep_cache: dict[tuple[str, str], set[str]] = {}
+        self._provides_cache: dict[tuple[str, str], set[str]] = {}
+        self._model_vars: dict[int, list[str]] = {}
+        self._layer_cache: dict[tuple, tuple] = {}
+        self._has_vars: dict[int, bool] = {}  # keyed by id() of values owned by self.defs, which outlive this resolver
         self._protected = {c for p in defs.policies.values() for c in p.spec.protected_components}
 
     # ------------------------------------------------------------------ public
@@ -93,7 +98,7 @@ class Resolver:
 
         cp_replicas = spec.overrides.control_plane_replicas or int(sub(mspec.control_plane.replicas, ("spec", "controlPlane", "replicas")))
         cp_size = str(sub(mspec.control_plane.size, ("spec", "controlPlane", "size")))
-        control_plane = DesiredControlPlane.model_construct(replicas=cp_replicas, size=cp_size,
+        control_plane = construct(DesiredControlPlane, replicas=cp_replicas, size=cp_size,
                                             machine=translate.machine(btype, cp_size, None, backend))
 
         overrides = {o.name: (i, o) for i, o in enumerate(spec.overrides.node_pools)}
@@ -122,7 +127,7 @@ class Resolver:
                 raise _Fail(*where[0], where[1] + ("replicas",), f"must be between minSize and maxSize ({mn}..{mx}), got {replicas}")
             if size not in translate.SIZES:
                 raise _Fail(*where[0], where[1] + ("size",), f"unknown size {size!r}; one of {sorted(translate.SIZES)}")
-            pools.append(DesiredNodePool.model_construct(name=p.name, replicas=replicas, min_size=mn, max_size=mx, size=size,
+            pools.append(construct(DesiredNodePool, name=p.name, replicas=replicas, min_size=mn, max_size=mx, size=size,
                                          machine=translate.machine(btype, size, p.name, backend),
                                          labels=p.labels, taints=p.taints))
         if btype == "aws":
@@ -139,11 +144,13 @@ class Resolver:
         core = {
             "name": cname, "labels": labels, "model": model.metadata.name, "modelVersion": model.metadata.version,
             "driftMode": spec.drift_mode, "owner": spec.owner, "backend": backend.model_dump(mode="json"),
-            "kubernetesVersion": version, "controlPlane": control_plane.model_dump(mode="json"),
-            "nodePools": [p.model_dump(mode="json") for p in pools], "machines": [m.model_dump(mode="json") for m in machines],
+            "kubernetesVersion": version,
+            "controlPlane": [control_plane.replicas, control_plane.size, control_plane.machine],
+            "nodePools": [[p.name, p.replicas, p.min_size, p.max_size, p.size, p.machine, p.labels, p.taints] for p in pools],
+            "machines": [[m.name, m.role, m.pool, m.address, m.cpu, m.memory_mib] for m in machines],
             "components": [c.hash for c in components], "workspaces": [w.hash for w in workspaces],
         }
-        return DesiredCluster.model_construct(
+        return construct(DesiredCluster, 
             name=cname, labels=labels, model=model.metadata.name, model_version=model.metadata.version,
             drift_mode=spec.drift_mode, protected=labels.get(_PROTECTED_LABEL) == "true", owner=spec.owner,
             backend=backend, kubernetes_version=version, control_plane=control_plane, node_pools=pools,
@@ -185,12 +192,12 @@ class Resolver:
                             f"has {max(size, 0)} addresses, but the control plane and node pools (at maxSize) need {need}")
             out, cursor = [], int(start)
             for i in range(cp.replicas):
-                out.append(Machine.model_construct(name=f"{name}-cp-{i}", role="controlPlane", address=_ip(cursor + i),
+                out.append(construct(Machine, name=f"{name}-cp-{i}", role="controlPlane", address=_ip(cursor + i),
                                    cpu=cp.machine.get("cpu"), memory_mib=cp.machine.get("memoryMiB")))
             cursor += cp.replicas
             for p in pools:  # each pool owns a block of maxSize addresses, so scaling never moves a machine
                 for i in range(p.replicas):
-                    out.append(Machine.model_construct(name=f"{name}-{p.name}-{i}", role="worker", pool=p.name,
+                    out.append(construct(Machine, name=f"{name}-{p.name}-{i}", role="worker", pool=p.name,
                                        address=_ip(cursor + i),
                                        cpu=p.machine.get("cpu"), memory_mib=p.machine.get("memoryMiB")))
                 cursor += p.max_size
@@ -200,19 +207,47 @@ class Resolver:
             if len(cps) < cp.replicas:
                 raise _Fail(*ckey, ("spec", "backend", "hosts"),
                             f"the control plane needs {cp.replicas} hosts with role controlPlane; {len(cps)} listed")
-            out = [Machine.model_construct(name=h.name, role="controlPlane", address=h.address) for h in cps[: cp.replicas]]
+            out = [construct(Machine, name=h.name, role="controlPlane", address=h.address) for h in cps[: cp.replicas]]
             first = pools[0].name
             for p in pools:
                 hosts = [h for h in backend.hosts if h.role == "worker" and (h.pool or first) == p.name]
                 if len(hosts) < p.replicas:
                     raise _Fail(*ckey, ("spec", "backend", "hosts"),
                                 f"node pool {p.name!r} needs {p.replicas} worker hosts; {len(hosts)} listed")
-                out += [Machine.model_construct(name=h.name, role="worker", pool=p.name, address=h.address) for h in hosts[: p.replicas]]
+                out += [construct(Machine, name=h.name, role="worker", pool=p.name, address=h.address) for h in hosts[: p.replicas]]
             return out
         return []
 
     def _components(self, cluster: Cluster, model: ClusterModel, version: str, variables: dict,
                     needs_gitops: bool = False, extra: tuple = ()) -> list[DesiredComponent]:
+        """The cluster's components, rendered, in dependency order.
+
+        Which components and which value layers depend only on the model, the backend, the
+        variables the model's values use, the cluster's component list and overrides, the
+        ComponentSets that pick it and whether a workspace needs GitOps; clusters that agree on
+        all of these share one computation (a fleet has few such combinations).
+        """
+        spec = cluster.spec
+        btype = spec.backend.type
+        used = self._model_vars.get(id(model))
+        if used is None:
+            used = self._model_vars[id(model)] = sorted(set(_VAR.findall(repr(
+                [model.spec.capabilities, [c.values for c in model.spec.components]]))))
+        sets = tuple(n for n in sorted(self.defs.component_sets)
+                     if matches(cluster.metadata.labels, self.defs.component_sets[n].spec.cluster_selector.match_labels))
+        key = (id(model), btype, repr([variables.get(v) for v in used]), repr(spec.components),
+               repr(spec.overrides.components), sets, needs_gitops, repr(extra))
+        hit = self._layer_cache.get(key)
+        if hit is None:
+            hit = self._layer_cache[key] = self._component_layers(cluster, model, variables, needs_gitops, extra)
+        order, wanted = hit
+        ctx = {"name": cluster.metadata.name, "labels": dict(cluster.metadata.labels), "backend": btype,
+               "kubernetesVersion": version}
+        return [self._render(self.defs.components[name], btype, wanted[name], ctx, name in self._protected)
+                for name in order]
+
+    def _component_layers(self, cluster: Cluster, model: ClusterModel, variables: dict, needs_gitops: bool,
+                          extra: tuple) -> tuple[list[str], dict[str, list[dict]]]:
         spec = cluster.spec
         btype = spec.backend.type
         ckey = ("Cluster", (cluster.metadata.name,))
@@ -228,7 +263,7 @@ class Resolver:
                     c.metadata.name for c in self.defs.components.values() if cap in translate.provides(c, btype))
             if chosen:
                 comp = self.defs.components.get(chosen)
-                if comp is None or cap not in translate.provides(comp, btype):
+                if comp is None or cap not in self._provides(chosen, btype):
                     raise _Fail(*mkey, ("spec", "capabilities", cap, "prefer", btype),
                                 f"{chosen!r} does not provide {cap} on {btype}; candidates: {sorted(candidates) or 'none'}")
             elif len(candidates) == 1:
@@ -239,11 +274,11 @@ class Resolver:
             else:
                 raise _Fail(*mkey, ("spec", "capabilities", cap),
                             f"several components provide {cap} on {btype} ({', '.join(sorted(candidates))}): name one in prefer.{btype}")
-            wanted.setdefault(chosen, []).append(_substitute_vars(req.values, variables, mkey, ("spec", "capabilities", cap, "values")))
+            wanted.setdefault(chosen, []).append(self._subst(req.values, variables, mkey, ("spec", "capabilities", cap, "values")))
             reasons.setdefault(chosen, (mkey, ("spec", "capabilities", cap)))
 
         for i, mc in enumerate(model.spec.components):
-            wanted.setdefault(mc.name, []).append(_substitute_vars(mc.values, variables, mkey, ("spec", "components", i, "values")))
+            wanted.setdefault(mc.name, []).append(self._subst(mc.values, variables, mkey, ("spec", "components", i, "values")))
             reasons.setdefault(mc.name, (mkey, ("spec", "components", i, "name")))
         for sname in sorted(self.defs.component_sets):
             cs = self.defs.component_sets[sname]
@@ -266,7 +301,7 @@ class Resolver:
             else:
                 wanted[name].append(ov.values)
 
-        if needs_gitops and not any("gitops" in translate.provides(self.defs.components[n], btype)
+        if needs_gitops and not any("gitops" in self._provides(n, btype)
                                     for n in wanted if n in self.defs.components):
             flux = sorted(c.metadata.name for c in self.defs.components.values() if "gitops" in translate.provides(c, btype))
             if not flux:
@@ -299,12 +334,21 @@ class Resolver:
         order = _toposort({n: self._deps(n, btype) & names for n in wanted})
         if order is None:
             raise _Fail(*ckey, ("spec",), f"components have a dependency cycle among {sorted(wanted)}")
-        ctx = {"name": cluster.metadata.name, "labels": dict(cluster.metadata.labels), "backend": btype,
-               "kubernetesVersion": version}
-        out = []
-        for name in order:
-            out.append(self._render(self.defs.components[name], btype, wanted[name], ctx, name in self._protected))
-        return out
+        return order, wanted
+
+    def _provides(self, name: str, btype: str) -> set[str]:
+        key = (name, btype)
+        hit = self._provides_cache.get(key)
+        if hit is None:
+            hit = self._provides_cache[key] = translate.provides(self.defs.components[name], btype)
+        return hit
+
+    def _subst(self, values: dict, variables: dict, key: tuple, loc: tuple) -> dict:
+        """Substitute ``${var.x}`` in a model's values; values without references are shared as they are."""
+        has = self._has_vars.get(id(values))
+        if has is None:
+            has = self._has_vars[id(values)] = "${var." in repr(values)
+        return _substitute_vars(values, variables, key, loc) if has else values
 
     def _deps(self, name: str, btype: str) -> set[str]:
         """What ``name`` needs installed first on ``btype``: its dependsOn, plus Flux for a Helm source."""
@@ -344,7 +388,7 @@ class Resolver:
                           source=tpl.key, target="infrastructure" if tpl.key == "eksAddon" else "kubernetes",
                           addon=tpl.addon, k8s_min=comp.spec.kubernetes.min, k8s_max=comp.spec.kubernetes.max,
                           protected=protected)
-            shared = None if tpl.holes else DesiredComponent.model_construct(objects=tpl.objects, values=tpl.values, hash=base_hash, **common)
+            shared = None if tpl.holes else construct(DesiredComponent, objects=tpl.objects, values=tpl.values, hash=base_hash, **common)
             entry = self._templates[key] = (tpl, base_hash, common, shared)
         tpl, base_hash, common, shared = entry
         if shared is not None:
@@ -353,7 +397,9 @@ class Resolver:
             objects, vals, filled = tpl.finish(ctx)
         except render.RenderError as e:
             raise _Fail("Component", (name,), ("spec",), e.message) from None
-        return DesiredComponent.model_construct(objects=objects, values=vals, hash=canonical_hash([base_hash, filled]), **common)
+        fill_key = "\x00".join(f if isinstance(f, str) else canonical_hash(f) for f in filled)
+        return construct(DesiredComponent, objects=objects, values=vals,
+                         hash=hashlib.sha256(f"{base_hash}\x00{fill_key}".encode()).hexdigest()[:16], **common)
 
     def _workspaces(self, cluster: Cluster) -> list[DesiredWorkspace]:
         out = []

@@ -36,7 +36,7 @@ Labels = dict[Annotated[str, Field(pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-
 
 class Metadata(Spec):
     name: Name
-    labels: Labels = {}
+    labels: Labels = Field(default_factory=dict)
     annotations: dict[str, str] = {}
 
 
@@ -87,7 +87,7 @@ class BackendImpl(Spec):
     """How a component differs on one backend: its own source, extra values, or not available."""
 
     source: Source | None = None
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = Field(default_factory=dict)
     provides: list[Capability] | None = None
     available: bool = True
 
@@ -96,11 +96,11 @@ class ComponentSpec(Spec):
     version: Annotated[str, Field(pattern=SEMVER)]
     description: str = ""
     namespace: Name
-    provides: list[Capability] = []
+    provides: list[Capability] = Field(default_factory=list)
     depends_on: list[Name] = []
-    kubernetes: KubernetesRange = KubernetesRange()
+    kubernetes: KubernetesRange = Field(default_factory=KubernetesRange)
     source: Source
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = Field(default_factory=dict)
     backends: dict[Literal["aws", "vsphere", "metal"], BackendImpl] = {}
 
 
@@ -156,15 +156,15 @@ class NodePool(Spec):
     replicas: IntOrVar = 3
     min_size: IntOrVar = 1
     max_size: IntOrVar = 10
-    labels: dict[str, str] = {}
-    taints: list[str] = []
+    labels: dict[str, str] = Field(default_factory=dict)
+    taints: list[str] = Field(default_factory=list)
 
 
 class ModelComponent(Spec):
     """A standard component of a model, with default values for clusters of this model."""
 
     name: Name
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = Field(default_factory=dict)
 
 
 class KubernetesSpec(Spec):
@@ -173,18 +173,18 @@ class KubernetesSpec(Spec):
 
 class ClusterModelSpec(Spec):
     description: str = ""
-    variables: list[Variable] = []
+    variables: list[Variable] = Field(default_factory=list)
     kubernetes: KubernetesSpec
-    control_plane: ControlPlane = ControlPlane()
+    control_plane: ControlPlane = Field(default_factory=ControlPlane)
     node_pools: Annotated[list[NodePool], Field(min_length=1)]
-    capabilities: dict[Capability, "CapabilityRequest"] = {}
-    components: list[ModelComponent] = []
+    capabilities: dict[Capability, "CapabilityRequest"] = Field(default_factory=dict)
+    components: list[ModelComponent] = Field(default_factory=list)
 
 
 class CapabilityRequest(Spec):
     """Ask for a capability; ``prefer`` picks a component when several provide it on a backend."""
 
-    prefer: dict[Literal["aws", "vsphere", "metal"], Name] = {}
+    prefer: dict[Literal["aws", "vsphere", "metal"], Name] = Field(default_factory=dict)
     values: dict[str, Any] = {}
 
 
@@ -204,7 +204,7 @@ class Vpc(Spec):
     """Use an existing VPC (``id`` + ``subnetIds``) or create one from ``cidr``."""
 
     id: Annotated[str, Field(pattern=r"^vpc-[0-9a-f]+$")] | None = None
-    subnet_ids: list[Annotated[str, Field(pattern=r"^subnet-[0-9a-f]+$")]] = []
+    subnet_ids: list[Annotated[str, Field(pattern=r"^subnet-[0-9a-f]+$")]] = Field(default_factory=list)
     cidr: Annotated[str, Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")] | None = None
     availability_zones: int = Field(default=2, ge=1, le=6)
 
@@ -220,9 +220,9 @@ class AwsBackend(Spec):
     region: Annotated[str, Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-\d$")]
     account: Annotated[str, Field(pattern=r"^\d{12}$")] | None = None
     vpc: Vpc
-    node_pools: dict[Name, AwsNodePool] = {}
+    node_pools: dict[Name, AwsNodePool] = Field(default_factory=dict)
     endpoint_public_access: bool = False
-    tags: dict[str, str] = {}
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 class IpPool(Spec):
@@ -232,7 +232,7 @@ class IpPool(Spec):
     end: Annotated[str, Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
     prefix: int = Field(default=24, ge=8, le=32)
     gateway: Annotated[str, Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")] | None = None
-    dns: list[str] = []
+    dns: list[str] = Field(default_factory=list)
 
 
 class VsphereBackend(Spec):
@@ -269,7 +269,7 @@ Backend = Annotated[Union[AwsBackend, VsphereBackend, MetalBackend], Field(discr
 class ComponentOverride(Spec):
     """A cluster's change to one component: extra values, or ``enabled: false`` to leave it out."""
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = Field(default_factory=dict)
     enabled: bool = True
 
 
@@ -282,8 +282,8 @@ class NodePoolOverride(Spec):
 
 
 class Overrides(Spec):
-    components: dict[Name, ComponentOverride] = {}
-    node_pools: list[NodePoolOverride] = []
+    components: dict[Name, ComponentOverride] = Field(default_factory=dict)
+    node_pools: list[NodePoolOverride] = Field(default_factory=list)
     control_plane_replicas: int | None = Field(default=None, ge=1)
 
 
@@ -291,9 +291,9 @@ class ClusterSpec(Spec):
     model: Annotated[str, Field(pattern=r"^[a-z0-9][-a-z0-9]*@[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.-]+)?$")]
     drift_mode: Literal["report", "correct"] = "report"
     owner: Name | None = None
-    variables: dict[str, Any] = {}
-    components: list[ModelComponent] = []
-    overrides: Overrides = Overrides()
+    variables: dict[str, Any] = Field(default_factory=dict)
+    components: list[ModelComponent] = Field(default_factory=list)
+    overrides: Overrides = Field(default_factory=Overrides)
     backend: Backend
 
 
@@ -320,8 +320,8 @@ class LimitDefaults(Spec):
 
 class TeamNamespace(Spec):
     name: Name
-    quota: Quota = Quota()
-    limits: LimitDefaults = LimitDefaults()
+    quota: Quota = Field(default_factory=Quota)
+    limits: LimitDefaults = Field(default_factory=LimitDefaults)
 
 
 class GitOpsSource(Spec):
@@ -333,19 +333,19 @@ class GitOpsSource(Spec):
 
 
 class Selector(Spec):
-    match_labels: dict[str, str] = {}
+    match_labels: dict[str, str] = Field(default_factory=dict)
 
 
 class Placement(Spec):
     """Which clusters a team is granted: by name, by label selector, or both."""
 
-    clusters: list[Name] = []
+    clusters: list[Name] = Field(default_factory=list)
     selector: Selector | None = None
 
 
 class TeamSpec(Spec):
     description: str = ""
-    members: list[str] = []
+    members: list[str] = Field(default_factory=list)
     groups: list[str] = []
     role: Literal["view", "edit", "admin"] = "edit"
     namespaces: Annotated[list[TeamNamespace], Field(min_length=1)]
@@ -364,13 +364,13 @@ class Team(Spec):
 
 class Role(Spec):
     name: Name
-    members: list[str] = []
+    members: list[str] = Field(default_factory=list)
     groups: list[str] = []
     all_access: bool = False
 
 
 class PolicySpec(Spec):
-    protected_components: list[Name] = []
+    protected_components: list[Name] = Field(default_factory=list)
     roles: list[Role] = []
     platform_role: Name = "platform"
 
