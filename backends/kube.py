@@ -416,7 +416,7 @@ def _inventory_refs(inv: dict) -> list[list[str]]:
 # --------------------------------------------------------------------------- the backend
 
 
-def _api_client(access: KubeAccess) -> k8s.ApiClient:
+def api_client(access: KubeAccess) -> k8s.ApiClient:
     c = k8s.Configuration()
     c.host = access.server.rstrip("/")
     if access.token:
@@ -443,7 +443,7 @@ class KubeBackend:
     def __init__(self, access: KubeAccess, *, timeout: tuple[float, float] = (5.0, 30.0),
                  crd_timeout: float = 60.0, namespace_timeout: float = 120.0, poll: float = 0.2):
         self.access = access
-        self._api = _api_client(access)
+        self._api = api_client(access)
         self._timeout = timeout
         self._crd_timeout = crd_timeout
         self._ns_timeout = namespace_timeout

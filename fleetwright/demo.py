@@ -158,6 +158,8 @@ def run(keep: bool = False, port: int = 4200) -> int:
         results.append(row)
         say(f"{name} {json.dumps(params)}: {row['state']} in {seconds:.1f}s "
             f"(backends {row['backend_seconds']:.1f}s, orchestration {row['overhead_seconds']:.1f}s)")
+        for line in _cluster_table(name, fr.id):
+            print(f"          {line}", flush=True)
         return row
 
     def step(title: str, fn):
@@ -218,17 +220,12 @@ def _out_of_band(conns: Path) -> None:
     from backends import registry
     from backends.connections import load_connections
     from backends.definitions import load_path
+    from backends.kube import api_client
     from models.resolve import resolve
 
     c = load_connections(conns)
     d = resolve(load_path(EXAMPLES), VSPHERE_CLUSTER)
-    access = registry.infrastructure(d, c).kube_access(d)
-    kc = k8s.Configuration()
-    kc.host, kc.verify_ssl = access.server, not access.insecure
-    kc.ssl_ca_cert = access.ca_file
-    if access.token:
-        kc.api_key, kc.api_key_prefix = {"BearerToken": access.token}, {"BearerToken": "Bearer"}
-    api = k8s.ApiClient(kc)
+    api = api_client(registry.infrastructure(d, c).kube_access(d))
     k8s.CoreV1Api(api).patch_namespaced_config_map("ingress-nginx-controller", "ingress-nginx",
                                                    {"data": {"proxy-body-size": "1g"}})
     say(f"{VSPHERE_CLUSTER}: edited ConfigMap ingress-nginx/ingress-nginx-controller by hand (proxy-body-size=1g)")
@@ -241,6 +238,20 @@ def _out_of_band(conns: Path) -> None:
     say(f"{AWS_CLUSTER}: scaled node group general to 5 in the AWS API")
 
 
+def _cluster_table(flow: str, flow_run_id) -> list[str]:
+    """The run's cluster-by-status artifact, as lines (what each cluster did and why)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{flow}-clusters"]),
+                                                               flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    if not arts:
+        return []
+    rows = arts[0].data if isinstance(arts[0].data, list) else json.loads(arts[0].data)
+    return [f"{r['cluster']:16} {r['status']:10} {r['reason'][:110]}" for r in rows]
+
+
 def _overhead(flow_run_id) -> dict:
     """Backend time = the sum of the run's task runs that call backends; the rest is orchestration."""
     from prefect.client.orchestration import get_client
@@ -248,7 +259,7 @@ def _overhead(flow_run_id) -> dict:
 
     with get_client(sync_client=True) as c:
         fr = c.read_flow_run(flow_run_id)
-        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=500)
+        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200)
         backend = sum((t.total_run_time.total_seconds() if t.total_run_time else 0.0) for t in tasks
                       if t.name.split("-")[0] in ("observe", "apply", "health", "decommission")
                       or t.task_key.split("-")[0] in ("observe_cluster", "apply_step", "health_gate"))

@@ -107,7 +107,7 @@ class Outcome:
     """What happened to one cluster in one run."""
 
     cluster: str
-    status: str  # converged | planned | unchanged | refused | failed | drift
+    status: str  # converged | planned | unchanged | refused | failed | drift | absent | corrected
     steps: list[dict] = field(default_factory=list)
     done: list[dict] = field(default_factory=list)
     drift: list[str] = field(default_factory=list)
@@ -135,7 +135,8 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
     """Observe, plan and (unless ``dry_run``) apply one cluster's steps under its lock, then verify.
 
     ``versions_matter=False`` (a flow that only touches components or workspaces) lets a refused
-    Kubernetes version change stand aside instead of stopping the run.
+    Kubernetes version change stand aside instead of stopping the run, and skips clusters that do not
+    exist yet (reported as ``absent``: creating them will include the change).
     """
     t0 = time.monotonic()
     log = _log()
@@ -149,6 +150,9 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
         rows = [r for r, s in zip(plan_rows(p), p.steps) if keep(s)]
         if p.refused and versions_matter:
             return Outcome(desired.name, "refused", rows, reason="; ".join(p.refused), seconds=time.monotonic() - t0)
+        if not versions_matter and not observed.exists:  # an in-cluster change to a cluster not made yet
+            return Outcome(desired.name, "absent", reason="the cluster does not exist yet; create-cluster will include this",
+                           seconds=time.monotonic() - t0)
         if not steps:
             return Outcome(desired.name, "unchanged", [], seconds=time.monotonic() - t0)
         if dry_run:

@@ -57,28 +57,15 @@ def onprem(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluste
     connections.cache_clear()
 
 
-def _api(cluster: str, onprem) -> k8s.ApiClient:
+def _api(cluster: str, onprem):
     from backends import registry
     from backends.connections import Connections
+    from backends.kube import api_client
     from models.resolve import resolve
 
     d = resolve(onprem["defs"], cluster)
     access = registry.infrastructure(d, Connections.model_validate(onprem["connections"])).kube_access(d)
-    cfg = k8s.Configuration()
-    cfg.host = access.server
-    cfg.ssl_ca_cert = access.ca_file
-    cfg.verify_ssl = not access.insecure
-    if access.ca_data and not access.ca_file:
-        import base64
-        import tempfile
-
-        f = tempfile.NamedTemporaryFile("wb", suffix=".crt", delete=False)
-        f.write(base64.b64decode(access.ca_data))
-        f.close()
-        cfg.ssl_ca_cert = f.name
-    if access.token:
-        cfg.api_key, cfg.api_key_prefix = {"BearerToken": access.token}, {"BearerToken": "Bearer"}
-    return k8s.ApiClient(cfg), access
+    return api_client(access), access
 
 
 @pytest.mark.parametrize("cluster", ["edge-lab-01", "dc1-web-dev"])
