@@ -44,13 +44,14 @@ def sh(*args: str, env: dict | None = None, cwd: Path | None = None) -> str:
 
 
 def _definitions_repo(state: Path) -> Path:
+    """A fresh git repository holding the example fleet (the demo's definitions repo)."""
     repo = state / "definitions"
-    if not (repo / ".git").exists():
-        shutil.copytree(EXAMPLES, repo, dirs_exist_ok=True)
-        sh("git", "init", "-q", "-b", "main", str(repo))
-        sh("git", "-C", str(repo), "add", "-A")
-        sh("git", "-C", str(repo), "-c", "user.name=platform", "-c", "user.email=platform@fleetwright.invalid",
-           "commit", "-q", "-m", "the example fleet")
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(EXAMPLES, repo)
+    sh("git", "init", "-q", "-b", "main", str(repo))
+    sh("git", "-C", str(repo), "add", "-A")
+    sh("git", "-C", str(repo), "-c", "user.name=platform", "-c", "user.email=platform@fleetwright.invalid",
+       "commit", "-q", "-m", "the example fleet")
     return repo
 
 
@@ -94,17 +95,16 @@ def run(keep: bool = False, port: int = 4200) -> int:
     from models.resolve import resolve
 
     defs = load_path(EXAMPLES)
-    for name in (VSPHERE_CLUSTER, METAL_CLUSTER):  # a VM's static IP and a metal host are real SSH hosts here
-        d = resolve(defs, name)
-        extra = d.node_pools[0].max_size if name == VSPHERE_CLUSTER else 0
-        addrs = [m.address for m in d.machines]
-        if extra:
-            import ipaddress
+    # A VM's static IP and a bare-metal host are real SSH hosts here: start them for the clusters the
+    # demo creates (one spare VM address for scaling) and for every metal host, so the sweep can see
+    # that the other metal clusters are simply not created yet.
+    import ipaddress
 
-            first_worker = ipaddress.IPv4Address(addrs[-1])
-            addrs += [str(first_worker + i) for i in range(1, 2)]
-        for a in addrs:
-            hosts.ensure_host(cfg, a)
+    addrs = [m.address for m in resolve(defs, VSPHERE_CLUSTER).machines]
+    addrs.append(str(ipaddress.IPv4Address(addrs[-1]) + 1))
+    addrs += [h.address for c in defs.clusters.values() if c.spec.backend.type == "metal" for h in c.spec.backend.hosts]
+    for a in addrs:
+        hosts.ensure_host(cfg, a)
     eks = {AWS_CLUSTER: kube.ensure_control_plane(cfg, f"eks-{AWS_CLUSTER}")}
     env = testenv.read_env(cfg)
     conns = write_connections(state / "connections.json", env, eks)
@@ -236,6 +236,10 @@ def _out_of_band(conns: Path) -> None:
     eks.update_nodegroup_config(clusterName=AWS_CLUSTER, nodegroupName="general",
                                 scalingConfig={"minSize": 1, "maxSize": 20, "desiredSize": 5})
     say(f"{AWS_CLUSTER}: scaled node group general to 5 in the AWS API")
+    m = resolve(load_path(EXAMPLES), METAL_CLUSTER)
+    mapi = api_client(registry.infrastructure(m, c).kube_access(m))
+    k8s.CoreV1Api(mapi).patch_namespaced_config_map("prometheus-settings", "monitoring", {"data": {"retention": "1h"}})
+    say(f"{METAL_CLUSTER}: edited ConfigMap monitoring/prometheus-settings by hand (retention=1h; its drift mode is report)")
 
 
 def _cluster_table(flow: str, flow_run_id) -> list[str]:

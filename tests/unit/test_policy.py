@@ -64,7 +64,7 @@ def test_protected_component_cannot_be_removed_by_a_team(example_files):
 
 
 def test_team_may_not_change_a_cluster_it_does_not_own(example_files):
-    new = edit(example_files, "clusters/metal.yaml", "driftMode: report", "driftMode: correct")
+    new = edit(example_files, "clusters/metal.yaml", "driftMode: correct", "driftMode: report")
     v = judge(example_files, new, "bob")
     assert [(d.rule, d.object) for d in v.denials] == [("cluster-owner-only", "Cluster/edge-store-01")]
     assert v.denials[0].field == "spec.driftMode"
