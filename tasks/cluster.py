@@ -8,8 +8,11 @@ rest; a fresh key (every scheduled sweep) never skips anything.
 """
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -40,9 +43,46 @@ def _log():
         return logging.getLogger("fleetwright")
 
 
+class _ToRunLog(logging.Handler):
+    """Forwards backend log records (Ansible events, SDK calls) made in this thread to the task's run log."""
+
+    def __init__(self, run_log):
+        super().__init__(logging.INFO)
+        self.run_log, self.thread = run_log, threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.run_log.log(record.levelno, "%s", record.getMessage())
+
+
+@contextmanager
+def backend_logs():
+    """Inside a task: backend loggers (``backends.*``, ``fleetwright.*``) also write to the task's log in the UI."""
+    try:
+        handler = _ToRunLog(get_run_logger())
+    except Exception:  # noqa: BLE001 - not in a run
+        yield
+        return
+    loggers = [logging.getLogger("backends"), logging.getLogger("fleetwright")]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.level == logging.NOTSET or lg.level > logging.INFO:
+            lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
 @task(name="observe-cluster", task_run_name="observe {desired.name}", cache_policy=NO_CACHE, **retry_options())
 def observe_cluster(desired: DesiredCluster) -> ObservedCluster:
     """What the backends find for this cluster (no side effects)."""
+    with backend_logs():
+        return _observe(desired)
+
+
+def _observe(desired: DesiredCluster) -> ObservedCluster:
     conns = connections()
     infra = registry.infrastructure(desired, conns)
     api_slot(desired.backend.type)
@@ -65,6 +105,11 @@ def _step_key(context, parameters) -> str:
       cache_key_fn=_step_key, persist_result=True, **retry_options())
 def apply_step(desired: DesiredCluster, step: Step, idempotency_key: str) -> dict:
     """Carry out one plan step through the backend its target names. Idempotent."""
+    with backend_logs():
+        return _apply(desired, step)
+
+
+def _apply(desired: DesiredCluster, step: Step) -> dict:
     log = _log()
     conns = connections()
     infra = registry.infrastructure(desired, conns)
