@@ -272,3 +272,34 @@ def test_decommission(aws_fleet):
     decommission_cluster(cluster="fw-stage", confirm="fw-stage", source=src(aws_fleet))
     assert "fw-stage" not in eks(aws_fleet["aws"]).list_clusters()["clusters"]
     assert "payments" not in namespaces(aws_fleet, "fw-stage")
+
+
+def test_idempotency_key_skips_finished_steps(aws_fleet):
+    """A step finished under a key is not run again under that key (a retried run); a new key runs it."""
+    from backends.definitions import load_path
+    from models.plan import Step
+    from models.resolve import resolve
+    from tasks.cluster import apply_step
+
+    desired = resolve(load_path(aws_fleet["root"]), "fw-canary")
+    step = Step(id="fw-canary/nodePool.scale/workers", cluster="fw-canary", action="nodePool.scale",
+                target="infrastructure", object="workers", reason="test",
+                params={"replicas": 1, "minSize": 1, "maxSize": 3})
+    api = eks(aws_fleet["aws"])
+
+    def scale(n):
+        api.update_nodegroup_config(clusterName="fw-canary", nodegroupName="workers",
+                                    scalingConfig={"minSize": 1, "maxSize": 3, "desiredSize": n})
+
+    def size():
+        return api.describe_nodegroup(clusterName="fw-canary", nodegroupName="workers")["nodegroup"]["scalingConfig"]["desiredSize"]
+
+    key = f"idem-{time.time_ns()}"
+    scale(2)
+    first = apply_step(desired, step, key, return_state=True)
+    assert first.is_completed() and size() == 1
+    scale(3)
+    again = apply_step(desired, step, key, return_state=True)
+    assert again.name == "Cached" and size() == 3  # skipped as done under this key
+    fresh = apply_step(desired, step, key + "-new", return_state=True)
+    assert fresh.is_completed() and fresh.name != "Cached" and size() == 1
