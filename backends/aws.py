@@ -459,8 +459,8 @@ class AwsBackend:
             return None
         return ng
 
-    def _nodegroups(self, desired: DesiredCluster) -> dict[str, dict[str, Any]]:
-        """Our node groups, by pool name. A foreign node group with a desired pool's name is a conflict."""
+    def _nodegroup_names(self, desired: DesiredCluster) -> list[str]:
+        """Every node group of the cluster (all pages), ours or not."""
         region = self._region(desired)
         names: list[str] = []
         kw: dict[str, Any] = {}
@@ -470,6 +470,11 @@ class AwsBackend:
             if not r.get("nextToken"):
                 break
             kw["nextToken"] = r["nextToken"]
+        return names
+
+    def _nodegroups(self, desired: DesiredCluster) -> dict[str, dict[str, Any]]:
+        """Our node groups, by pool name. A foreign node group with a desired pool's name is a conflict."""
+        names = self._nodegroup_names(desired)
         wanted = {p.name for p in desired.node_pools}
         out = {}
         for n in names:
@@ -938,15 +943,7 @@ class AwsBackend:
                 for comp, a in self._addons(desired).items():
                     self._delete_addon(desired, a)
                     done.append(f"add-on {a['addonName']}")
-                names = []
-                kw: dict[str, Any] = {}
-                while True:
-                    r = self._call("eks", region, "list_nodegroups", clusterName=desired.name, **kw)
-                    names += r.get("nodegroups", [])
-                    if not r.get("nextToken"):
-                        break
-                    kw["nextToken"] = r["nextToken"]
-                for n in names:
+                for n in self._nodegroup_names(desired):
                     if self._nodegroup(desired, n, strict=False) is None:
                         skipped.append(f"EKS node group {n} is not fleetwright's")
                         continue
