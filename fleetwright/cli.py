@@ -179,11 +179,12 @@ def schema(output: Optional[Path] = typer.Option(None, "--output", "-o")) -> Non
 
 @app.command()
 def demo(keep: bool = typer.Option(False, "--keep", help="Leave the test environment, Prefect server and worker running"),
-         port: int = typer.Option(4200, "--port", help="The Prefect server's port")) -> None:
+         port: int = typer.Option(4200, "--port", help="The Prefect server's port"),
+         record: bool = typer.Option(True, "--record/--no-record", help="Write step timings to bench/RESULTS.md")) -> None:
     """Run the example fleet end to end on this machine: test environment, Prefect server, worker, flows."""
     from fleetwright.demo import run
 
-    raise typer.Exit(run(keep=keep, port=port))
+    raise typer.Exit(run(keep=keep, port=port, record=record))
 
 
 def _mount_testenv() -> None:

@@ -77,7 +77,7 @@ def _wait_http(url: str, timeout: float) -> None:
     raise SystemExit(f"demo: {url} did not answer in {timeout:.0f}s")
 
 
-def run(keep: bool = False, port: int = 4200) -> int:
+def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
     import testenv
     from testenv import common, hosts, kube
     from testenv.connections import write_connections
@@ -188,7 +188,8 @@ def run(keep: bool = False, port: int = 4200) -> int:
     for r in results:
         print(f"  {r['flow']:18} {r['state']:10} {r['seconds']:7.1f}s  {json.dumps(r['params'])}")
     print(f"\nPrefect UI: http://127.0.0.1:{port}   (definitions repo: {repo})")
-    _record(timings, results)
+    if record:
+        _record(timings, results)
     if not keep:
         say("stopping (use --keep to explore)")
         for name in ("prefect-worker", "prefect-server"):
