@@ -508,3 +508,11 @@ def _iptables_cleanup() -> None:
         while _iptables("-D", "INPUT", "-j", IPTABLES_CHAIN, check=False).returncode == 0:
             pass
         _iptables("-X", IPTABLES_CHAIN, check=False)
+
+
+def ssh(section: dict[str, Any], address: str, command: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``command`` as root on the test host at ``address`` (``section``: the hosts section)."""
+    argv = ["ssh", "-i", section["private_key"], *section["ssh_common_args"].split(), "-o", "ConnectTimeout=5",
+            f"root@{address}", command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=check)
+

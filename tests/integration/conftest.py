@@ -161,14 +161,11 @@ def aws_fleet(tmp_path_factory, testenv_config, kube_factory, prefect_api, _aws_
 
 
 def kube_client(endpoint: dict):
-    from kubernetes import client
+    """An API client for a test control plane, built by the kube backend itself."""
+    from backends.base import KubeAccess
+    from backends.kube import api_client
 
-    cfg = client.Configuration()
-    cfg.host = endpoint["server"]
-    cfg.api_key = {"BearerToken": endpoint["token"]}
-    cfg.api_key_prefix = {"BearerToken": "Bearer"}
-    cfg.ssl_ca_cert = endpoint.get("ca_file")
-    return client.ApiClient(cfg)
+    return api_client(KubeAccess(server=endpoint["server"], token=endpoint["token"], ca_file=endpoint.get("ca_file")))
 
 
 def eks(aws: dict, region: str = "eu-west-1"):

@@ -7,13 +7,13 @@ the start (leftovers of an earlier run) and at the end, so the apiserver's memor
 """
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from backends import ansible
+from backends.kube import api_client
 from backends.connections import Connections, SshConnection
 from backends.definitions import read_tree
 from backends.metal import MetalBackend
@@ -61,25 +61,11 @@ def infra_steps(backend, d):
     return [s for s in plan(d, backend.observe(d)).steps if s.target == "infrastructure"]
 
 
-def ssh(section, address: str, command: str, check: bool = True) -> subprocess.CompletedProcess:
-    argv = ["ssh", "-i", section["private_key"], *section["ssh_common_args"].split(), "-o", "ConnectTimeout=5",
-            f"root@{address}", command]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=check)
-
-
 def kube_client(access, tmp: Path):
-    import base64
-
+    """The CoreV1 API of a cluster, through the kube backend's own client (``tmp`` is unused, kept for callers)."""
     from kubernetes import client
 
-    ca = tmp / "ca.crt"
-    ca.write_bytes(base64.b64decode(access.ca_data))
-    c = client.Configuration()
-    c.host = access.server
-    c.ssl_ca_cert = str(ca)
-    c.api_key = {"BearerToken": access.token}
-    c.api_key_prefix = {"BearerToken": "Bearer"}
-    return client.CoreV1Api(client.ApiClient(c))
+    return client.CoreV1Api(api_client(access))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +126,7 @@ def test_second_apply_changes_nothing(env):
         r = b.apply(d, step)
         assert r.changed is False, (action, r)
     TIMINGS["re-apply (3 playbooks, no changes)"] = time.monotonic() - t
-    out = ssh(env["section"], CP, f"{env['section']['supervisor']} list").stdout.splitlines()
+    out = hosts.ssh(env["section"], CP, f"{env['section']['supervisor']} list").stdout.splitlines()
     assert sorted(ln.split()[0] for ln in out) == ["fw-apiserver", "fw-etcd", "fw-kcm"]  # one of each
     assert all(ln.split()[1] == "running" for ln in out)
 
@@ -197,11 +183,11 @@ def test_scale_up_upgrade_and_scale_down(env):
     t = time.monotonic()
     steps = infra_steps(b, d3)
     assert [s.action for s in steps] == ["controlPlane.upgrade", "nodePool.upgrade"]
-    pid_before = ssh(env["section"], CP, f"{env['section']['supervisor']} status fw-apiserver").stdout
+    pid_before = hosts.ssh(env["section"], CP, f"{env['section']['supervisor']} status fw-apiserver").stdout
     for s in steps:
         assert b.apply(d3, s).changed
     TIMINGS["upgrade 1.20 -> 1.21"] = time.monotonic() - t
-    pid_after = ssh(env["section"], CP, f"{env['section']['supervisor']} status fw-apiserver").stdout
+    pid_after = hosts.ssh(env["section"], CP, f"{env['section']['supervisor']} status fw-apiserver").stdout
     assert pid_before != pid_after  # restarted (same v1.20.2 binary: see playbooks/README.md)
     o = b.observe(d3)
     assert o.kubernetes_version == "1.21" and o.node_pools["workers"].version == "1.21" and o.exists
@@ -217,7 +203,7 @@ def test_scale_up_upgrade_and_scale_down(env):
     assert [s.action for s in steps] == ["nodePool.scale"]
     assert b.apply(d4, steps[0]).changed
     assert [n.metadata.name for n in api.list_node().items] == ["lab01-b"]
-    assert ssh(env["section"], W2, "test -e /etc/fleetwright/cluster", check=False).returncode == 1
+    assert hosts.ssh(env["section"], W2, "test -e /etc/fleetwright/cluster", check=False).returncode == 1
     assert b.observe(d4).node_pools["workers"].replicas == 1
 
 
@@ -230,7 +216,7 @@ def test_delete_leaves_nothing(env):
     o = b.observe(d)
     assert not o.infrastructure and not o.exists and o.node_pools == {}
     for a in (CP, W1, W2):
-        out = ssh(section, a, f"ls -A /etc/fleetwright /var/lib/fleetwright 2>/dev/null; "
+        out = hosts.ssh(section, a, f"ls -A /etc/fleetwright /var/lib/fleetwright 2>/dev/null; "
                               f"{section['supervisor']} list", check=False).stdout
         assert "running" not in out and "cluster" not in out and "state.json" not in out, (a, out)
     assert b.delete(d).changed is False  # already gone is success
@@ -238,7 +224,7 @@ def test_delete_leaves_nothing(env):
 
 def test_a_host_marked_for_another_cluster_is_refused(env):
     b, section, d = env["backend"], env["section"], desired()
-    ssh(section, W1, "mkdir -p /etc/fleetwright && echo other-cluster > /etc/fleetwright/cluster")
+    hosts.ssh(section, W1, "mkdir -p /etc/fleetwright && echo other-cluster > /etc/fleetwright/cluster")
     try:
         with pytest.raises(OwnershipConflict, match="other-cluster"):
             b.observe(d)
@@ -247,7 +233,7 @@ def test_a_host_marked_for_another_cluster_is_refused(env):
             b.apply(d, step)
         with pytest.raises(OwnershipConflict):
             b.delete(d)
-        assert ssh(section, W1, "cat /etc/fleetwright/cluster").stdout.strip() == "other-cluster"
+        assert hosts.ssh(section, W1, "cat /etc/fleetwright/cluster").stdout.strip() == "other-cluster"
     finally:
-        ssh(section, W1, "rm -f /etc/fleetwright/cluster")
+        hosts.ssh(section, W1, "rm -f /etc/fleetwright/cluster")
         b.delete(d)  # lab01-a was prepared while lab01-b was refused: reset it again

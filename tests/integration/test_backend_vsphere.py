@@ -7,14 +7,13 @@ The tests run in order and share the cluster; the module deletes it at the start
 """
 from __future__ import annotations
 
-import base64
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from backends import ansible
+from backends.kube import api_client
 from backends.base import CLUSTER_KEY, OWNER_KEY
 from backends.connections import Connections, SshConnection, VsphereConnection
 from backends.definitions import read_tree
@@ -48,21 +47,11 @@ def infra_steps(backend, d, observed=None):
     return [s for s in plan(d, observed or backend.observe(d)).steps if s.target == "infrastructure"]
 
 
-def ssh(section, address: str, command: str, check: bool = True) -> subprocess.CompletedProcess:
-    argv = ["ssh", "-i", section["private_key"], *section["ssh_common_args"].split(), "-o", "ConnectTimeout=5",
-            f"root@{address}", command]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=check)
-
-
 def kube_api(access, tmp: Path):
+    """The CoreV1 API of a cluster, through the kube backend's own client (``tmp`` is unused, kept for callers)."""
     from kubernetes import client
 
-    ca = tmp / "ca.crt"
-    ca.write_bytes(base64.b64decode(access.ca_data))
-    c = client.Configuration()
-    c.host, c.ssl_ca_cert = access.server, str(ca)
-    c.api_key, c.api_key_prefix = {"BearerToken": access.token}, {"BearerToken": "Bearer"}
-    return client.CoreV1Api(client.ApiClient(c))
+    return client.CoreV1Api(api_client(access))
 
 
 def vms_named(section, name: str):
@@ -226,7 +215,7 @@ def test_upgrade_then_scale_down(env):
     assert ours(env["vsphere"]) == ["dc1-web-dev-cp-0", "dc1-web-dev-general-0"]
     api = kube_api(b.kube_access(d4), env["tmp"])
     assert [n.metadata.name for n in api.list_node().items] == ["dc1-web-dev-general-0"]
-    assert ssh(env["hosts"], W2, "test -e /etc/fleetwright/cluster", check=False).returncode == 1
+    assert hosts.ssh(env["hosts"], W2, "test -e /etc/fleetwright/cluster", check=False).returncode == 1
     assert infra_steps(b, d4) == []
 
 
@@ -240,7 +229,7 @@ def test_delete_leaves_nothing(env):
     o = b.observe(d)
     assert not o.infrastructure and not o.exists
     for a in (CP, W1, W2):
-        out = ssh(section, a, f"ls -A /etc/fleetwright /var/lib/fleetwright 2>/dev/null; "
+        out = hosts.ssh(section, a, f"ls -A /etc/fleetwright /var/lib/fleetwright 2>/dev/null; "
                               f"{section['supervisor']} list", check=False).stdout
         assert "running" not in out and "cluster" not in out and "state.json" not in out, (a, out)
     assert b.delete(d).changed is False
