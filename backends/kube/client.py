@@ -1,0 +1,151 @@
+"""The transport: one ``ApiClient`` per cluster, JSON requests, discovery of REST resources, reads.
+
+Every request goes through :meth:`Client._request`, which maps errors with :func:`.errors.map_error`.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from models.errors import TransientError
+
+from ..base import KubeAccess
+from .errors import map_error
+from .objects import CRD, Res, ref_str
+
+
+def api_client(access: KubeAccess) -> k8s.ApiClient:
+    c = k8s.Configuration()
+    c.host = access.server.rstrip("/")
+    if access.token:
+        c.api_key = {"BearerToken": access.token}
+        c.api_key_prefix = {"BearerToken": "Bearer"}
+    if access.ca_file:
+        c.ssl_ca_cert = access.ca_file
+    elif access.ca_data:
+        c.ca_cert_data = base64.b64decode(access.ca_data).decode()
+    c.verify_ssl = not access.insecure
+    if access.client_cert_file:
+        c.cert_file = access.client_cert_file
+        c.key_file = access.client_key_file
+    # SDK-level retries: connection set-up only, never a request that may have reached the server
+    c.retries = urllib3.util.Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0, backoff_factor=0.2)
+    return k8s.ApiClient(c)
+
+
+
+class Client:
+    """The API server of one cluster: requests, discovery, reads (the base of ``KubeBackend``)."""
+
+    def __init__(self, access: KubeAccess, *, timeout: tuple[float, float] = (5.0, 30.0),
+                 crd_timeout: float = 60.0, namespace_timeout: float = 120.0, poll: float = 0.2):
+        self.access = access
+        self._api = api_client(access)
+        self._timeout = timeout
+        self._crd_timeout = crd_timeout
+        self._ns_timeout = namespace_timeout
+        self._poll = poll
+        self._disc: dict[str, dict[str, Res]] = {}
+
+    def __repr__(self) -> str:
+        return f"KubeBackend({self.access!r})"
+
+    def close(self) -> None:
+        self._api.close()
+
+    # ------------------------------------------------------------------ transport
+
+    def _request(self, method: str, path: str, *, body: Any = None, query: list | None = None,
+                 content_type: str | None = None, what: str = "") -> dict | None:
+        """One API call; JSON in and out. Errors go through :func:`map_error` (None: absent)."""
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            m, url, hdrs, b, _ = self._api.param_serialize(method, path, query_params=query or None,
+                                                           header_params=headers, body=body,
+                                                           auth_settings=["BearerToken"])
+            r = self._api.call_api(m, url, header_params=hdrs, body=b, _request_timeout=self._timeout)
+            data = r.read()
+            if not 200 <= r.status < 300:
+                raise ApiException(http_resp=r)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            err = map_error(e, method, what or path)
+            if err is None:
+                return None
+            raise err from e
+        try:
+            return json.loads(data) if data else {}
+        except ValueError:
+            raise TransientError(f"{method} {what or path}: the API server answered with something that is not JSON") from None
+
+    # ------------------------------------------------------------------ discovery
+
+    def _group_version(self, api_version: str, refresh: bool = False) -> dict[str, Res]:
+        if not refresh and api_version in self._disc:
+            return self._disc[api_version]
+        path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        doc = self._request("GET", path, what=f"discovery {api_version}")
+        if not doc:
+            self._disc.pop(api_version, None)
+            return {}
+        kinds = {r["kind"]: Res(api_version, r["kind"], r["name"], bool(r.get("namespaced")))
+                 for r in doc.get("resources") or [] if "/" not in r.get("name", "/")}
+        self._disc[api_version] = kinds
+        return kinds
+
+    def _resource(self, api_version: str, kind: str, wait: float = 0.0) -> Res | None:
+        """The REST resource for ``apiVersion``/``kind``; None when the server does not serve it."""
+        res = self._group_version(api_version).get(kind)
+        if res is not None:
+            return res
+        deadline = time.monotonic() + wait
+        while True:
+            res = self._group_version(api_version, refresh=True).get(kind)
+            if res is not None or time.monotonic() >= deadline:
+                return res
+            time.sleep(self._poll)
+
+    def _served(self, obj: dict, wait: float = 0.0) -> Res | None:
+        return self._resource(obj["apiVersion"], obj["kind"], wait)
+
+    # ------------------------------------------------------------------ reads
+
+    def _get(self, res: Res, obj: dict) -> dict | None:
+        meta = obj["metadata"]
+        return self._request("GET", res.item(meta.get("namespace"), meta["name"]), what=ref_str(obj))
+
+    def _list(self, res: Res, selector: str) -> list[dict]:
+        doc = self._request("GET", res.collection(), query=[("labelSelector", selector)],
+                            what=f"{res.kind} list") or {}
+        items = doc.get("items") or []
+        for it in items:
+            it.setdefault("apiVersion", res.api_version)
+            it.setdefault("kind", res.kind)
+        return items
+    def _normalise(self, obj: dict, crd_scopes: dict[tuple[str, str], bool]) -> dict:
+        """Drop ``metadata.namespace`` from cluster-scoped objects (discovery or the CRD in the same set)."""
+        res = self._served(obj)
+        namespaced = res.namespaced if res is not None else crd_scopes.get((obj["apiVersion"], obj["kind"]), True)
+        if not namespaced and "namespace" in obj["metadata"]:
+            obj = {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "namespace"}}
+        return obj
+
+    @staticmethod
+    def _crd_kinds(objs: list[dict]) -> dict[tuple[str, str], bool]:
+        out = {}
+        for o in objs:
+            if o.get("kind") == CRD:
+                spec = o.get("spec") or {}
+                kind = (spec.get("names") or {}).get("kind")
+                for v in spec.get("versions") or []:
+                    out[(f"{spec.get('group')}/{v.get('name')}", kind)] = spec.get("scope", "Namespaced") == "Namespaced"
+        return out
+
+    # ------------------------------------------------------------------ observe
