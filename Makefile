@@ -19,8 +19,10 @@ setup: $(VENV_STAMP)
 demo: setup
 	.venv/bin/fleetwright demo $(DEMO_ARGS)
 
+TEST_WORKERS ?= 3
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)

@@ -36,6 +36,18 @@ from testenv.common import Config, _proc_start_time, file_lock, read_pid
 _KEEP = os.environ.get("FLEETWRIGHT_TESTENV_KEEP", "").lower() in ("1", "true", "yes")
 
 
+# --------------------------------------------------------------------------- parallel workers
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets its own state dir (its own moto, apiservers, vcsim)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and not os.environ.get("FLEETWRIGHT_TESTENV_WORKER_DIR"):
+        base = os.environ.get("FLEETWRIGHT_TESTENV_DIR") or "/tmp/fleetwright-testenv"
+        os.environ["FLEETWRIGHT_TESTENV_DIR"] = f"{base}-{worker}"
+        os.environ["FLEETWRIGHT_TESTENV_WORKER_DIR"] = "1"
+
+
 # --------------------------------------------------------------------------- markers
 
 
