@@ -1,0 +1,194 @@
+"""EKS managed node groups: one per node pool, created, scaled, replaced, upgraded and deleted."""
+from __future__ import annotations
+
+from typing import Any
+
+from models.desired import DesiredCluster
+from models.errors import OwnershipConflict, PermanentError
+from models.plan import Step
+
+from .common import NODE_POOL_KEY, _minor, _owned, eks_taint
+
+
+class NodegroupService:
+    """Mixin: node groups."""
+
+    def _nodegroup(self, desired: DesiredCluster, pool: str, *, strict: bool = True) -> dict[str, Any] | None:
+        r = self._call("eks", self._region(desired), "describe_nodegroup", missing_ok=True,
+                       clusterName=desired.name, nodegroupName=pool)
+        if r is None:
+            return None
+        ng = r["nodegroup"]
+        if not _owned(ng.get("tags"), desired.name):
+            if strict:
+                raise OwnershipConflict(f"EKS node group {pool} of cluster {desired.name} is not marked as fleetwright's")
+            return None
+        return ng
+
+    def _nodegroup_names(self, desired: DesiredCluster) -> list[str]:
+        """Every node group of the cluster (all pages), ours or not."""
+        region = self._region(desired)
+        names: list[str] = []
+        kw: dict[str, Any] = {}
+        while True:
+            r = self._call("eks", region, "list_nodegroups", clusterName=desired.name, **kw)
+            names += r.get("nodegroups", [])
+            if not r.get("nextToken"):
+                break
+            kw["nextToken"] = r["nextToken"]
+        return names
+
+    def _nodegroups(self, desired: DesiredCluster) -> dict[str, dict[str, Any]]:
+        """Our node groups, by pool name. A foreign node group with a desired pool's name is a conflict."""
+        names = self._nodegroup_names(desired)
+        wanted = {p.name for p in desired.node_pools}
+        out = {}
+        for n in names:
+            ng = self._nodegroup(desired, n, strict=n in wanted)
+            if ng is not None:
+                out[ng.get("tags", {}).get(NODE_POOL_KEY, n)] = ng
+        return out
+
+    # -- node pools
+    def _pool(self, desired: DesiredCluster, name: str):
+        p = next((p for p in desired.node_pools if p.name == name), None)
+        if p is None:
+            raise PermanentError(f"node pool {name} is not in the desired state of {desired.name}")
+        return p
+
+    def _wait_nodegroup(self, desired: DesiredCluster, pool: str, want: str | None = "ACTIVE") -> dict[str, Any] | None:
+        """Wait until the node group is ``want`` (None: gone)."""
+        def check():
+            ng = self._nodegroup(desired, pool)
+            if want is None:
+                return ng is None
+            if ng is None:
+                raise PermanentError(f"EKS node group {pool} disappeared while waiting for {want}")
+            if ng["status"] == want:
+                return ng
+            if ng["status"] in ("CREATE_FAILED", "DELETE_FAILED", "DEGRADED") and ng["status"] != want:
+                issues = "; ".join(f"{i.get('code')}: {i.get('message')}" for i in (ng.get("health") or {}).get("issues", []))
+                raise PermanentError(f"EKS node group {pool} is {ng['status']}: {issues or 'no details'}")
+            return None
+        r = self._wait(f"EKS node group {pool} {want or 'gone'}", check)
+        return r if want else None
+
+    def _settled_nodegroup(self, desired: DesiredCluster, pool: str) -> dict[str, Any] | None:
+        """The node group once no operation runs on it (waits for CREATING/UPDATING; DELETING -> gone)."""
+        ng = self._nodegroup(desired, pool)
+        if ng is None:
+            return None
+        if ng["status"] == "DELETING":
+            return self._wait_nodegroup(desired, pool, None)
+        if ng["status"] in ("CREATING", "UPDATING"):
+            return self._wait_nodegroup(desired, pool)
+        return ng
+
+    def _create_nodegroup(self, desired: DesiredCluster, pool: str) -> dict[str, Any]:
+        p = self._pool(desired, pool)
+        c = self._active_cluster(desired, f"create node group {pool}")
+        _vpc, subnets, _ready = self._network(desired)
+        role = self._role(desired, self.role_names(desired)["node"])
+        if role is None or not subnets:
+            raise PermanentError(f"infrastructure of {desired.name} is not ready (run infrastructure.ensure first)")
+        m = p.machine or {}
+        kw: dict[str, Any] = dict(
+            clusterName=desired.name, nodegroupName=pool, nodeRole=role["Arn"], subnets=subnets,
+            scalingConfig={"minSize": p.min_size, "maxSize": p.max_size, "desiredSize": p.replicas},
+            tags=self.tags(desired, **{NODE_POOL_KEY: pool}), version=c.get("version"))
+        if m.get("instanceTypes"):
+            kw["instanceTypes"] = list(m["instanceTypes"])
+        if m.get("diskSizeGiB"):
+            kw["diskSize"] = int(m["diskSizeGiB"])
+        if m.get("capacityType"):
+            kw["capacityType"] = m["capacityType"]
+        if p.labels:
+            kw["labels"] = dict(p.labels)
+        if p.taints:
+            kw["taints"] = [eks_taint(t) for t in p.taints]
+        self._call("eks", self._region(desired), "create_nodegroup", **kw)
+        return self._wait_nodegroup(desired, pool)
+
+    def _apply_pool_create(self, desired: DesiredCluster, step: Step):
+        ng = self._settled_nodegroup(desired, step.object)
+        if ng is not None:
+            if ng["status"] in ("CREATE_FAILED",):
+                raise PermanentError(f"EKS node group {step.object} is CREATE_FAILED; delete it to create it again")
+            return False, f"EKS node group {step.object} exists", {"arn": ng.get("nodegroupArn")}
+        ng = self._create_nodegroup(desired, step.object)
+        return True, f"created EKS node group {step.object}", {"arn": ng.get("nodegroupArn")}
+
+    def _apply_pool_scale(self, desired: DesiredCluster, step: Step):
+        p = self._pool(desired, step.object)
+        ng = self._settled_nodegroup(desired, step.object)
+        if ng is None:
+            raise PermanentError(f"EKS node group {step.object} does not exist; cannot scale it")
+        want = {"minSize": p.min_size, "maxSize": p.max_size, "desiredSize": p.replicas}
+        have = {k: (ng.get("scalingConfig") or {}).get(k) for k in want}
+        if have == want:
+            return False, f"EKS node group {step.object} is already {p.replicas} ({p.min_size}..{p.max_size})", {}
+        u = self._call("eks", self._region(desired), "update_nodegroup_config", clusterName=desired.name,
+                       nodegroupName=step.object, scalingConfig=want)["update"]
+        seen = self._wait_update(desired, u, f"scaling of EKS node group {step.object}", nodegroupName=step.object)
+        self._wait_nodegroup(desired, step.object)
+        return True, f"scaled EKS node group {step.object} from {have} to {want}", {"updateId": u["id"], "statuses": seen}
+
+    def _machine_of(self, ng: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+        m = {"instanceTypes": list(ng.get("instanceTypes") or []), "diskSizeGiB": ng.get("diskSize"),
+             "capacityType": ng.get("capacityType")}
+        return {k: m.get(k) for k in keys} if keys else m
+
+    def _apply_pool_update(self, desired: DesiredCluster, step: Step):
+        """Instance types, disk size and capacity type of an EKS managed node group are immutable:
+        the node group is replaced (deleted, then created again under the same name)."""
+        p = self._pool(desired, step.object)
+        ng = self._settled_nodegroup(desired, step.object)
+        if ng is not None and self._machine_of(ng, set(p.machine)) == dict(p.machine):
+            return False, f"EKS node group {step.object} already has the desired machine", {}
+        if ng is not None:
+            self._call("eks", self._region(desired), "delete_nodegroup", missing_ok=True,
+                       clusterName=desired.name, nodegroupName=step.object)
+            self._wait_nodegroup(desired, step.object, None)
+        ng = self._create_nodegroup(desired, step.object)
+        return True, f"replaced EKS node group {step.object} (its machine is immutable)", {"arn": ng.get("nodegroupArn")}
+
+    def _apply_pool_upgrade(self, desired: DesiredCluster, step: Step):
+        pool, target = step.object, str(step.params["version"])
+        ng = self._nodegroup(desired, pool)
+        if ng is None:
+            raise PermanentError(f"EKS node group {pool} does not exist; cannot upgrade it")
+        if ng["status"] == "UPDATING":
+            for u in self._in_progress(desired, nodegroupName=pool):
+                if u.get("type") == "VersionUpdate" and self._param(u, "Version") == target:
+                    seen = self._wait_update(desired, u, f"upgrade of EKS node group {pool} to {target}", nodegroupName=pool)
+                    self._wait_nodegroup(desired, pool)
+                    return True, f"waited for the running upgrade of {pool} to {target}", {"updateId": u["id"], "statuses": seen}
+        ng = self._settled_nodegroup(desired, pool)
+        if ng is None:
+            raise PermanentError(f"EKS node group {pool} does not exist; cannot upgrade it")
+        have = ng.get("version")
+        if have and _minor(have) >= _minor(target):
+            return False, f"EKS node group {pool} already runs {have}", {}
+        u = self._call("eks", self._region(desired), "update_nodegroup_version", clusterName=desired.name,
+                       nodegroupName=pool, version=target)["update"]
+        seen = self._wait_update(desired, u, f"upgrade of EKS node group {pool} to {target}", nodegroupName=pool)
+        self._wait_nodegroup(desired, pool)
+        return True, f"upgraded EKS node group {pool} {have} -> {target}", {"updateId": u["id"], "statuses": seen}
+
+    def _delete_nodegroup(self, desired: DesiredCluster, pool: str) -> bool:
+        ng = self._nodegroup(desired, pool)
+        if ng is None:
+            return False
+        if ng["status"] != "DELETING":
+            if ng["status"] in ("CREATING", "UPDATING"):
+                ng = self._settled_nodegroup(desired, pool)
+                if ng is None:
+                    return True
+            self._call("eks", self._region(desired), "delete_nodegroup", missing_ok=True,
+                       clusterName=desired.name, nodegroupName=pool)
+        self._wait_nodegroup(desired, pool, None)
+        return True
+
+    def _apply_pool_delete(self, desired: DesiredCluster, step: Step):
+        changed = self._delete_nodegroup(desired, step.object)
+        return changed, (f"deleted EKS node group {step.object}" if changed else f"EKS node group {step.object} is gone"), {}
