@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from .errors import Problem
-from .load import Definitions, DocRef, Locator
+from .catalogue import Definitions, DocRef, Locator
+from .resolve import Resolver, check_variable
 
 
 def check(defs: Definitions, loc: Locator) -> list[Problem]:
-    from .resolve import Resolver, check_variable
-
     out: list[Problem] = []
 
     def at(key: tuple, path: tuple, message: str) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .compare import changes
 from .desired import DesiredCluster
-from .load import Definitions
+from .catalogue import Definitions
 
 
 @dataclass(frozen=True)

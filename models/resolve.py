@@ -14,7 +14,7 @@ from typing import Any
 
 from .desired import DesiredCluster, DesiredComponent, DesiredControlPlane, DesiredNodePool, DesiredWorkspace, Machine
 from .errors import Problem, SpecInvalid
-from .load import Definitions, DocRef, Locator
+from .catalogue import Definitions, DocRef, Locator
 from .spec import K8S_MINOR, Cluster, ClusterModel, Component, Variable
 from . import render, translate
 from .util import canonical_hash, construct, deep_merge
