@@ -22,6 +22,7 @@ from models.errors import PolicyDenied
 from models.load import Definitions
 from models.plan import Step
 from models.policy import Verdict, actor_from, authorize, evaluate
+from models.status import PROBLEMS, Status
 from models.waves import WavePolicy, plan_waves, wave_failed
 from tasks.cluster import Outcome, converge
 from tasks.definitions import DefinitionsSource, default_source, load_definitions  # noqa: F401 (re-exported)
@@ -43,7 +44,7 @@ def gate(defs: Definitions, old: Optional[Definitions], actor: str, action: str,
     if verdict.allowed and old is not None:
         verdict = evaluate(old, defs, who)
     if not verdict.allowed:
-        o = Outcome(cluster or team or "-", "denied", reason="; ".join(str(d) for d in verdict.denials))
+        o = Outcome(cluster or team or "-", Status.DENIED, reason="; ".join(str(d) for d in verdict.denials))
         publish(flow, [o], dry_run=True)
         raise PolicyDenied(verdict.denials)
     get_run_logger().info("policy: %s may %s (%s)", actor, action, verdict.rule)
@@ -98,7 +99,7 @@ def run_waves(flow: str, desired: dict[str, DesiredCluster], policy: WavePolicy,
         results = in_threads(lambda name: converge_task(desired[name], dry_run, idempotency_key, step_filter,
                                                         versions_matter), wave.clusters, max_workers)
         outcomes += results
-        failed = sum(o.status in ("failed", "refused") for o in results)
+        failed = sum(o.status in PROBLEMS for o in results)
         if wave_failed(failed, len(results), policy):
             record["halted"] = {"wave": wave.name, "reason": f"{failed} of {len(results)} clusters failed",
                                 "not_started": [c for w in waves[n + 1:] for c in w.clusters]}
@@ -124,7 +125,7 @@ def waves_markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def finish(flow: str, outcomes: list[Outcome], *, dry_run: bool, extra_md: str = "", fail_on=("failed", "refused")) -> dict:
+def finish(flow: str, outcomes: list[Outcome], *, dry_run: bool, extra_md: str = "", fail_on=PROBLEMS) -> dict:
     """Publish the run's artifacts and fail the run when a cluster failed."""
     counts = publish(flow, outcomes, dry_run=dry_run, extra_md=extra_md)
     bad = [o for o in outcomes if o.status in fail_on]

@@ -16,6 +16,7 @@ from models.errors import PermanentError
 from models.plan import Step
 from models.resolve import Resolver, matches
 from models.spec import ModelComponent
+from models.status import Status
 from models.waves import WavePolicy
 from tasks.cluster import Outcome, converge, decommission
 from tasks.definitions import record_component_set
@@ -29,7 +30,7 @@ _UPGRADES = ("controlPlane.upgrade", "nodePool.upgrade")
 
 def _desired(defs, name: str, flow_name: str):
     if name not in defs.clusters:
-        publish(flow_name, [Outcome(name, "failed", reason=f"no Cluster {name!r} in the definitions")], dry_run=True)
+        publish(flow_name, [Outcome(name, Status.FAILED, reason=f"no Cluster {name!r} in the definitions")], dry_run=True)
         raise PermanentError(f"no Cluster {name!r}; known: {', '.join(sorted(defs.clusters))}")
     return Resolver(defs).resolve(name)
 
@@ -162,13 +163,13 @@ def decommission_cluster(cluster: str, confirm: str = "", source: Optional[Defin
     gate(defs, old, actor, "decommission", flow="decommission-cluster", cluster=cluster)
     desired = _desired(defs, cluster, "decommission-cluster")
     if desired.protected:
-        o = Outcome(cluster, "refused", reason="the cluster is labelled fleetwright.io/protected=true")
+        o = Outcome(cluster, Status.REFUSED, reason="the cluster is labelled fleetwright.io/protected=true")
         publish("decommission-cluster", [o], dry_run=True)
         raise PermanentError(f"{cluster} is protected (label fleetwright.io/protected=true): remove the label in Git first")
     if confirm != cluster and not dry_run:
         raise PermanentError(f"confirm must repeat the cluster's name ({cluster!r})")
     if dry_run:
-        return finish("decommission-cluster", [Outcome(cluster, "planned", [{"#": 1, "action": "delete", "object": cluster,
+        return finish("decommission-cluster", [Outcome(cluster, Status.PLANNED, [{"#": 1, "action": "delete", "object": cluster,
                                                                              "target": "all", "reason": "decommission"}])], dry_run=True)
     done = decommission(desired)
-    return finish("decommission-cluster", [Outcome(cluster, "converged", done=done)], dry_run=False)
+    return finish("decommission-cluster", [Outcome(cluster, Status.CONVERGED, done=done)], dry_run=False)

@@ -21,6 +21,7 @@ from models.desired import DesiredCluster
 from models.errors import TransientError
 from models.plan import plan
 from models.resolve import Resolver, matches
+from models.status import PROBLEMS, Status
 from tasks.cluster import Outcome, converge, drift_lines, observe_cluster, plan_rows
 from tasks.report import publish
 
@@ -42,22 +43,22 @@ def check_one(desired: DesiredCluster, dry_run: bool, idempotency_key: str) -> O
     try:
         observed = _observe(desired)
     except Exception as e:  # noqa: BLE001 - one unreachable cluster must not stop the sweep
-        return Outcome(desired.name, "failed", reason=f"observe: {type(e).__name__}: {e}", seconds=time.monotonic() - t0)
+        return Outcome(desired.name, Status.FAILED, reason=f"observe: {type(e).__name__}: {e}", seconds=time.monotonic() - t0)
     if not observed.exists:
-        return Outcome(desired.name, "absent", reason="no control plane found; run create-cluster", seconds=time.monotonic() - t0)
+        return Outcome(desired.name, Status.ABSENT, reason="no control plane found; run create-cluster", seconds=time.monotonic() - t0)
     p = plan(desired, observed)
     if p.refused:
-        return Outcome(desired.name, "refused", plan_rows(p), reason="; ".join(p.refused), seconds=time.monotonic() - t0)
+        return Outcome(desired.name, Status.REFUSED, plan_rows(p), reason="; ".join(p.refused), seconds=time.monotonic() - t0)
     if not p.steps:
-        return Outcome(desired.name, "in-sync", seconds=time.monotonic() - t0)
+        return Outcome(desired.name, Status.IN_SYNC, seconds=time.monotonic() - t0)
     drift = drift_lines(observed, p) or [str(s) for s in p.steps]
     if desired.drift_mode == "report" or dry_run:
-        return Outcome(desired.name, "drift", plan_rows(p), drift=drift, reason=f"{len(p.steps)} step(s) to converge",
+        return Outcome(desired.name, Status.DRIFT, plan_rows(p), drift=drift, reason=f"{len(p.steps)} step(s) to converge",
                        seconds=time.monotonic() - t0)
     out = converge(desired, dry_run=False, idempotency_key=idempotency_key)
     out.drift = drift
-    if out.status == "converged":
-        out.status = "corrected"
+    if out.status == Status.CONVERGED:
+        out.status = Status.CORRECTED
     return out
 
 
@@ -86,8 +87,8 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
                               f"({len(futures)} batches of up to {batch_size}).")
     log.info("fleet: %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     result = {"counts": counts, "clusters": [o.to_dict() for o in outcomes]}
-    reported = [o.cluster for o in outcomes if o.status == "drift"]
-    failed = [o.cluster for o in outcomes if o.status in ("failed", "refused")]
+    reported = [o.cluster for o in outcomes if o.status == Status.DRIFT]
+    failed = [o.cluster for o in outcomes if o.status in PROBLEMS]
     if reported or failed:
         return Failed(message=f"drift reported on {len(reported)} cluster(s) {reported}; failed: {failed}", data=result)
     return result

@@ -24,6 +24,7 @@ from backends.base import StepResult, merge_observations
 from models.desired import DesiredCluster, ObservedCluster
 from models.errors import PermanentError, TransientError
 from models.plan import Plan, Step, minor, plan
+from models.status import Status
 
 from .blocks import connections
 from .locks import api_slot, cluster_lock
@@ -152,15 +153,20 @@ class Outcome:
     """What happened to one cluster in one run."""
 
     cluster: str
-    status: str  # converged | planned | unchanged | refused | failed | drift | absent | corrected
+    status: Status  # a plain string is accepted and checked against the vocabulary
     steps: list[dict] = field(default_factory=list)
     done: list[dict] = field(default_factory=list)
     drift: list[str] = field(default_factory=list)
     reason: str = ""
     seconds: float = 0.0
 
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, Status.parse(value) if name == "status" else value)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["status"] = self.status.value  # a plain string in results and JSON
+        return d
 
 
 def plan_rows(p: Plan) -> list[dict]:
@@ -194,14 +200,14 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
         steps = [s for s in p.steps if keep(s)]
         rows = [r for r, s in zip(plan_rows(p), p.steps) if keep(s)]
         if p.refused and versions_matter:
-            return Outcome(desired.name, "refused", rows, reason="; ".join(p.refused), seconds=time.monotonic() - t0)
+            return Outcome(desired.name, Status.REFUSED, rows, reason="; ".join(p.refused), seconds=time.monotonic() - t0)
         if not versions_matter and not observed.exists:  # an in-cluster change to a cluster not made yet
-            return Outcome(desired.name, "absent", reason="the cluster does not exist yet; create-cluster will include this",
+            return Outcome(desired.name, Status.ABSENT, reason="the cluster does not exist yet; create-cluster will include this",
                            seconds=time.monotonic() - t0)
         if not steps:
-            return Outcome(desired.name, "unchanged", [], seconds=time.monotonic() - t0)
+            return Outcome(desired.name, Status.IN_SYNC, [], seconds=time.monotonic() - t0)
         if dry_run:
-            return Outcome(desired.name, "planned", rows, drift=drift_lines(observed, p), seconds=time.monotonic() - t0)
+            return Outcome(desired.name, Status.PLANNED, rows, drift=drift_lines(observed, p), seconds=time.monotonic() - t0)
         with cluster_lock(desired.name, timeout_seconds=lock_timeout):
             observed = observe_cluster(desired)  # another run may have changed it while we waited
             p = plan(desired, observed)
@@ -213,12 +219,12 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
             after = plan(desired, observe_cluster(desired))
         left = [s for s in after.steps if keep(s)]
         if left:
-            return Outcome(desired.name, "failed", rows, done, reason="not converged after apply: " + "; ".join(map(str, left)),
+            return Outcome(desired.name, Status.FAILED, rows, done, reason="not converged after apply: " + "; ".join(map(str, left)),
                            seconds=time.monotonic() - t0)
-        return Outcome(desired.name, "converged", rows, done, drift=drift_lines(observed, p), seconds=time.monotonic() - t0)
+        return Outcome(desired.name, Status.CONVERGED, rows, done, drift=drift_lines(observed, p), seconds=time.monotonic() - t0)
     except Exception as e:  # noqa: BLE001 - a failed task re-raises its exception; report it, don't crash the fleet
         log.error("%s: %s: %s", desired.name, type(e).__name__, e)
-        return Outcome(desired.name, "failed", rows, done, reason=f"{type(e).__name__}: {e}", seconds=time.monotonic() - t0)
+        return Outcome(desired.name, Status.FAILED, rows, done, reason=f"{type(e).__name__}: {e}", seconds=time.monotonic() - t0)
 
 
 @task(name="decommission", task_run_name="decommission {desired.name}", cache_policy=NO_CACHE, **retry_options())

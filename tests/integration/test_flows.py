@@ -76,7 +76,7 @@ def test_create_cluster_then_rerun_changes_nothing(aws_fleet):
         {"monitoring"} <= namespaces(aws_fleet, "fw-dev")
     assert eks(aws_fleet["aws"]).list_nodegroups(clusterName="fw-dev")["nodegroups"] == ["workers"]
     again = create_cluster(cluster="fw-dev", source=src(aws_fleet))
-    assert again["clusters"][0]["status"] == "unchanged" and again["clusters"][0]["done"] == []
+    assert again["clusters"][0]["status"] == "in-sync" and again["clusters"][0]["done"] == []
 
 
 def test_crash_and_resume_converges_without_duplicates(aws_fleet):

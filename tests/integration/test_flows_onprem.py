@@ -89,4 +89,4 @@ def test_create_cluster_on_prem_end_to_end(onprem, cluster):
         assert {"payments", "payments-batch"} <= ns
         assert core.read_namespaced_resource_quota("team-quota", "payments").spec.hard["pods"] == "100"
     again = create_cluster(cluster=cluster, source=src)
-    assert again["clusters"][0]["status"] == "unchanged"
+    assert again["clusters"][0]["status"] == "in-sync"
