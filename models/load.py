@@ -47,8 +47,7 @@ def load(files: dict[str, str]) -> Definitions:
         try:
             raw_docs = list(yaml.load_all(files[file], Loader=_Loader))
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-            problems.append(Problem(file, mark.line + 1 if mark else 0, "", f"YAML syntax: {getattr(e, 'problem', None) or e}"))
+            problems.append(_yaml_problem(file, files[file], e))
             continue
         for index, raw in enumerate(raw_docs):
             if raw is None:
@@ -62,6 +61,17 @@ def load(files: dict[str, str]) -> Definitions:
     if problems:
         raise SpecInvalid(problems)
     return defs
+
+
+def _yaml_problem(file: str, text: str, e: yaml.YAMLError) -> Problem:
+    """A YAML error located at its line; a reader error (a character YAML forbids) has only an offset."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is not None:
+        return Problem(file, mark.line + 1, "", f"YAML syntax: {getattr(e, 'problem', None) or e}")
+    if isinstance(e, yaml.reader.ReaderError):
+        line = text.count("\n", 0, max(e.position, 0)) + 1
+        return Problem(file, line, "", f"YAML syntax: character {e.character!r} is not allowed here ({e.reason})")
+    return Problem(file, 1, "", f"YAML syntax: {e}")
 
 
 def _validate(raw: Any, ref: DocRef, loc: Locator, problems: list[Problem]):

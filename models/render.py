@@ -155,6 +155,9 @@ def prepare(comp: Component, source: Source, values: dict) -> Template:
             if not isinstance(obj.get("apiVersion"), str) or not isinstance(obj.get("kind"), str) \
                     or not isinstance(obj.get("metadata"), dict) or not obj["metadata"].get("name"):
                 raise RenderError(("manifests", i), "a manifest needs apiVersion, kind and metadata.name")
+            for fld in ("name", "namespace"):
+                if fld in obj["metadata"] and not isinstance(obj["metadata"][fld], str):
+                    raise RenderError(("manifests", i, "metadata", fld), f"metadata.{fld} must be a string")
             if obj["kind"] in ("ConfigMap", "Secret"):
                 for fld in ("data", "stringData"):
                     if isinstance(obj.get(fld), dict):

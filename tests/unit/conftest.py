@@ -28,3 +28,12 @@ def edit(files: dict[str, str], name: str, old: str, new: str) -> dict[str, str]
     out = dict(files)
     out[name] = files[name].replace(old, new, 1)
     return out
+
+
+# Hypothesis: a fixed seed and a modest count by default (CI), many more examples on demand:
+#   HYPOTHESIS_PROFILE=deep make unit
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None)
+settings.register_profile("deep", max_examples=2000, derandomize=False, deadline=None)
+settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))
