@@ -7,6 +7,7 @@ Parts (each a module with ``up(cfg) -> dict``, ``down(cfg)``, ``status(cfg) -> d
 * ``vsphere`` -- ``testenv.vcsim``: govmomi's vcsim
 * ``aws``     -- ``testenv.aws``: moto server
 * ``hosts``   -- ``testenv.hosts``: SSH hosts on loopback aliases
+* ``postgres`` -- ``testenv.postgres``: PostgreSQL for the Prefect server of the production topology
 
 :func:`up` / :func:`down` / :func:`status` orchestrate them; ``fleetwright testenv`` is the CLI.
 """
@@ -21,7 +22,8 @@ from typing import Any, Iterable
 
 from testenv.common import PARTS, Config, progress, read_pid, stop_process
 
-PART_MODULES = {"kube": "testenv.kube", "vsphere": "testenv.vcsim", "aws": "testenv.aws", "hosts": "testenv.hosts"}
+PART_MODULES = {"kube": "testenv.kube", "vsphere": "testenv.vcsim", "aws": "testenv.aws", "hosts": "testenv.hosts",
+                "postgres": "testenv.postgres"}
 
 
 class PartUnavailable(RuntimeError):

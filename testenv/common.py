@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
-PARTS = ("kube", "vsphere", "aws", "hosts")
+PARTS = ("kube", "vsphere", "aws", "hosts", "postgres")
 _T0 = time.monotonic()
 
 

@@ -18,6 +18,7 @@ Fixtures
                     cluster, datastore, network, folder, template, ...).
 ``aws_env``         the aws section; function scoped: moto is reset before each test.
 ``ssh_hosts``       the hosts section from ``testenv.hosts``.
+``postgres_env``    the postgres section from ``testenv.postgres`` (host, port, user, password, url).
 """
 from __future__ import annotations
 
@@ -235,3 +236,8 @@ def pytest_report_header(config: pytest.Config) -> str:
 def env_json(cfg: Config) -> dict[str, Any]:
     """The environment document (``env.json``) as the session sees it."""
     return json.loads(testenv.env_file(cfg).read_text())
+
+
+@pytest.fixture(scope="session")
+def postgres_env(_testenv: _Env) -> dict[str, Any]:
+    return dict(_testenv.ensure("postgres"))
