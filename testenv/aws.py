@@ -104,8 +104,9 @@ def up(cfg: Config | None = None) -> dict[str, Any]:
             argv += ["--create-seconds", str(opts["create_seconds"])]
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
                                      if p)
-        # AWS managed IAM policies (AmazonEKSClusterPolicy, ...) exist in every real account; moto loads them on request
-        env = {"PYTHONPATH": pythonpath, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}
+        # AWS managed IAM policies (AmazonEKSClusterPolicy, ...) exist in every real account; moto loads them on request.
+        # Its ~2,600 default AMIs are not needed (fleetwright launches no instances) and cost time on every reset.
+        env = {"PYTHONPATH": pythonpath, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true", "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}
         pid = start_process(NAME, argv, env=env, cfg=cfg, cwd=REPO_ROOT)
         sec = section_for(port, pid)
 

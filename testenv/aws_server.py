@@ -80,6 +80,39 @@ def _reset_tables() -> None:
         PENDING.clear()
 
 
+# --------------------------------------------------------------------------- cheap resets
+
+
+def _install_fast_resets() -> None:
+    """Parse moto's AWS managed IAM policies once per process, not on every reset.
+
+    moto builds its ~1,600 managed policies (a large JSON string, a JSON dump of each document
+    and two ISO dates each) for every new IAM backend, so for every reset; on this machine that
+    was 1-3 s per test.  The parsed, dumped data is kept here and only the policy objects (their
+    attachment counts are per account) are made afresh.  The default AMIs are not loaded at all
+    (``MOTO_EC2_LOAD_DEFAULT_AMIS=false``, set by ``testenv.aws.up``): nothing uses them.
+    """
+    from datetime import datetime
+
+    from moto.iam import models as iam_models
+    from moto.settings import load_iam_aws_managed_policies
+
+    parsed = json.loads(iam_models.aws_managed_policies_data)
+    prepared = [(name, d.get("DefaultVersionId"), d.get("Path"), json.dumps(d.get("Document")),
+                 datetime.fromisoformat(d["CreateDate"]), datetime.fromisoformat(d["UpdateDate"]))
+                for name, d in parsed.items()]
+
+    def _init_aws_policies(self: Any) -> list[Any]:
+        if not load_iam_aws_managed_policies():
+            return []
+        return [iam_models.AWSManagedPolicy(name, account_id=self.account_id, region=self.region_name,
+                                            default_version_id=version, path=path, document=doc,
+                                            create_date=created, update_date=updated)
+                for name, version, path, doc, created, updated in prepared]
+
+    iam_models.IAMBackend._init_aws_policies = _init_aws_policies
+
+
 # --------------------------------------------------------------------------- EKS additions
 
 
@@ -793,6 +826,7 @@ def main(argv: list[str] | None = None) -> None:
     SETTINGS["addon_seconds"] = args.addon_seconds
     SETTINGS["create_seconds"] = args.create_seconds
     os.environ.setdefault("MOTO_PORT", str(args.port))
+    _install_fast_resets()
     _install_eks_additions()
 
     from werkzeug.serving import make_server

@@ -10,7 +10,13 @@ from models.errors import FleetwrightError, InFlight, PermanentError, TransientE
 _THROTTLING = {"Throttling", "ThrottlingException", "ThrottledException", "TooManyRequestsException",
                "RequestLimitExceeded", "RequestThrottled", "RequestThrottledException", "SlowDown",
                "PriorRequestNotComplete", "EC2ThrottledException", "BandwidthLimitExceeded",
-               "ProvisionedThroughputExceededException", "LimitExceededException"}
+               "ProvisionedThroughputExceededException"}
+# A quota, not a rate: EKS (LimitExceededException: too many clusters, node groups, ...) and IAM (LimitExceeded:
+# too many roles, policies per role, ...) answer so when an account limit is reached. Retrying cannot help.
+# Elsewhere (Kinesis, API Gateway, ...) LimitExceededException is throttling.
+_QUOTA_SERVICES = {"eks", "iam"}
+_QUOTA = {"LimitExceededException", "LimitExceeded"}
+MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is clamped
 _SERVER = {"ServiceUnavailable", "ServiceUnavailableException", "InternalFailure", "InternalError",
            "InternalServerError", "ServerException", "Unavailable", "RequestTimeout",
            "RequestTimeoutException", "IDPCommunicationError"}
@@ -31,6 +37,16 @@ def _code(exc: ClientError) -> tuple[str, int]:
     return str(err.get("Code") or ""), status
 
 
+def _retry_after(exc: ClientError) -> float | None:
+    """The server's ``Retry-After`` (seconds), if it sent one."""
+    headers = (exc.response.get("ResponseMetadata", {}) or {}).get("HTTPHeaders") or {}
+    raw = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
+    try:
+        return min(max(float(raw), 0.0), MAX_RETRY_AFTER) if raw is not None else None
+    except (TypeError, ValueError):
+        return None  # an HTTP date: rare for AWS; the task's backoff applies
+
+
 def map_error(exc: BaseException, *, operation: str = "", missing_ok: bool = False) -> FleetwrightError | None:
     """THE mapping of botocore errors to fleetwright's error tree.
 
@@ -47,10 +63,13 @@ def map_error(exc: BaseException, *, operation: str = "", missing_ok: bool = Fal
         text = f"{what} failed: {code or status}: {msg}".rstrip(": ")
         if missing_ok and (code in _NOT_FOUND or code.endswith(".NotFound") or code.endswith("NotFoundException")):
             return None
-        if code in _THROTTLING or code.startswith("Throttl") or status == 429:
-            return TransientError(text)
+        service = operation.partition(":")[0].lower() if ":" in operation else ""
+        if code in _QUOTA and (service in _QUOTA_SERVICES or not service):
+            return PermanentError(f"{text} (an account quota; raise it with AWS Service Quotas)")
+        if code in _THROTTLING or code in _QUOTA or code.startswith("Throttl") or status == 429:
+            return TransientError(text, delay=_retry_after(exc))
         if code in _SERVER or status >= 500:
-            return TransientError(text)
+            return TransientError(text, delay=_retry_after(exc))
         if code == "ResourceInUseException":
             return InFlight(text)
         if code in ("DependencyViolation", "IncorrectState", "IncorrectInstanceState", "ConcurrentModification",

@@ -137,3 +137,79 @@ def test_eks_token_is_deterministic_per_cluster_and_time(monkeypatch):
     assert parse_qs(urlsplit(a).query)["X-Amz-Signature"] != parse_qs(urlsplit(b).query)["X-Amz-Signature"]
     cn = _decode(make_eks_token(s, "c1", "cn-north-1"))
     assert urlsplit(cn).netloc == "sts.cn-north-1.amazonaws.com.cn"
+
+
+# --------------------------------------------------------------------------- quotas, Retry-After, bounded retries
+
+@pytest.mark.parametrize("code,operation", [
+    ("LimitExceededException", "eks:CreateNodegroup"), ("LimitExceededException", "eks:CreateCluster"),
+    ("LimitExceeded", "iam:CreateRole"), ("LimitExceeded", "iam:AttachRolePolicy"), ("LimitExceededException", ""),
+])
+def test_limit_exceeded_is_a_quota_in_eks_and_iam(code, operation):
+    e = map_error(client_error(code, 400 if code.endswith("Exception") else 409), operation=operation)
+    assert type(e) is PermanentError and "quota" in str(e)
+
+
+def test_limit_exceeded_elsewhere_is_throttling():
+    assert type(map_error(client_error("LimitExceededException", 400), operation="kinesis:PutRecord")) is TransientError
+
+
+def client_error_with_headers(code: str, status: int, headers: dict) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "slow down"},
+                        "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers}}, "DescribeCluster")
+
+
+@pytest.mark.parametrize("headers,delay", [({"retry-after": "7"}, 7.0), ({"Retry-After": "2.5"}, 2.5), ({}, None),
+                                           ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None),
+                                           ({"retry-after": "99999"}, 300.0)])
+def test_retry_after_is_carried(headers, delay):
+    e = map_error(client_error_with_headers("ThrottlingException", 429, headers), operation="eks:DescribeCluster")
+    assert type(e) is TransientError and e.delay == delay
+    e = map_error(client_error_with_headers("ServiceUnavailable", 503, headers), operation="ec2:DescribeVpcs")
+    assert type(e) is TransientError and e.delay == delay
+
+
+class _Failed:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def result(self, raise_on_failure=True):
+        raise self.exc
+
+
+class _Run:
+    def __init__(self, started=None):
+        import uuid
+
+        self.id, self.start_time = uuid.uuid4(), started
+
+
+def test_task_retry_waits_at_least_the_servers_delay():
+    import time
+
+    from tasks.retry import retry_transient
+
+    t0 = time.monotonic()
+    assert retry_transient(None, _Run(), _Failed(TransientError("throttled", delay=0.3))) is True
+    assert time.monotonic() - t0 >= 0.3  # a lower bound only: sleeping never returns early
+    assert retry_transient(None, _Run(), _Failed(PermanentError("no"))) is False
+    assert retry_transient(None, _Run(), _Failed(ValueError("bug"))) is False
+
+
+def test_task_retries_have_a_bound_in_total(monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    from tasks.retry import retry_transient
+
+    monkeypatch.setenv("FLEETWRIGHT_RETRY_TOTAL_SECONDS", "600")
+    long_ago = datetime.now(timezone.utc) - timedelta(seconds=601)
+    assert retry_transient(None, _Run(long_ago), _Failed(TransientError("timed out waiting"))) is False
+    recent = datetime.now(timezone.utc) - timedelta(seconds=10)
+    assert retry_transient(None, _Run(recent), _Failed(TransientError("timed out waiting"))) is True
+    # a delay that would take the run past the bound is not waited for
+    assert retry_transient(None, _Run(recent), _Failed(TransientError("throttled", delay=595))) is False
+    # the first attempt counts, even if a later attempt reports a fresh start time
+    run = _Run(long_ago)
+    retry_transient(None, run, _Failed(TransientError("x")))
+    run.start_time = datetime.now(timezone.utc)
+    assert retry_transient(None, run, _Failed(TransientError("x"))) is False
