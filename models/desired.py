@@ -45,6 +45,7 @@ class DesiredNodePool(_Frozen):
     machine: dict[str, Any] = {}
     labels: dict[str, str] = {}
     taints: list[str] = []
+    autoscaling: bool = False  # an autoscaler owns the size within min_size..max_size
 
 
 class DesiredComponent(_Frozen):

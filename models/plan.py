@@ -76,6 +76,27 @@ def _drift_text(drift) -> str:
     return shown + (f"; and {len(drift) - 3} more" if len(drift) > 3 else "")
 
 
+def _scale(p, op) -> tuple[str, dict[str, Any]] | None:
+    """(reason, params) of the nodePool.scale a pool needs, or None.
+
+    Without an autoscaler the size is the definition's ``replicas``. With ``autoscaling`` on, the
+    autoscaler owns the size: only the bounds are corrected, and a size inside them is not drift;
+    a size outside them is brought to the nearest bound, never back to ``replicas``.
+    """
+    have = f"node pool {p.name} is {op.replicas} ({op.min_size}..{op.max_size})"
+    if not p.autoscaling:
+        if (op.replicas, op.min_size, op.max_size) == (p.replicas, p.min_size, p.max_size):
+            return None
+        return (f"{have}, wants {p.replicas} ({p.min_size}..{p.max_size})",
+                dict(replicas=p.replicas, minSize=p.min_size, maxSize=p.max_size))
+    within = min(max(op.replicas, p.min_size), p.max_size)
+    if (op.min_size, op.max_size) == (p.min_size, p.max_size) and within == op.replicas:
+        return None
+    return (f"{have}, wants bounds {p.min_size}..{p.max_size} (an autoscaler owns the size"
+            + (f"; {op.replicas} is brought to {within})" if within != op.replicas else ")"),
+            dict(replicas=within, minSize=p.min_size, maxSize=p.max_size, autoscaling=True))
+
+
 def plan(desired: DesiredCluster, observed: ObservedCluster) -> Plan:
     name = desired.name
     steps: list[Step] = []
@@ -130,10 +151,9 @@ def plan(desired: DesiredCluster, observed: ObservedCluster) -> Plan:
                 add("nodePool.create", p.name, f"node pool {p.name} does not exist", version=want_v,
                     replicas=p.replicas, minSize=p.min_size, maxSize=p.max_size, machine=p.machine)
                 continue
-            if (op.replicas, op.min_size, op.max_size) != (p.replicas, p.min_size, p.max_size):
-                add("nodePool.scale", p.name,
-                    f"node pool {p.name} is {op.replicas} ({op.min_size}..{op.max_size}), wants {p.replicas} ({p.min_size}..{p.max_size})",
-                    replicas=p.replicas, minSize=p.min_size, maxSize=p.max_size)
+            scale = _scale(p, op)
+            if scale is not None:
+                add("nodePool.scale", p.name, scale[0], **scale[1])
             if p.machine and op.machine and op.machine != p.machine:
                 changed = sorted(k for k in set(p.machine) | set(op.machine) if p.machine.get(k) != op.machine.get(k))
                 add("nodePool.update", p.name, f"node pool {p.name} machine differs in {', '.join(changed)}", machine=p.machine)

@@ -113,6 +113,7 @@ class Resolver:
             replicas = int(sub(p.replicas, base + ("replicas",)))
             mn, mx = int(sub(p.min_size, base + ("minSize",))), int(sub(p.max_size, base + ("maxSize",)))
             size = str(sub(p.size, base + ("size",)))
+            autoscaling = p.autoscaling
             where = (mkey, base)
             if p.name in overrides:
                 oi, o = overrides[p.name]
@@ -120,6 +121,7 @@ class Resolver:
                 mn = o.min_size if o.min_size is not None else mn
                 mx = o.max_size if o.max_size is not None else mx
                 size = o.size or size
+                autoscaling = o.autoscaling if o.autoscaling is not None else autoscaling
                 where = (ckey, ("spec", "overrides", "nodePools", oi))
             if mn > mx:
                 raise _Fail(*where[0], where[1] + ("minSize",), f"must be <= maxSize ({mn} > {mx})")
@@ -129,7 +131,7 @@ class Resolver:
                 raise _Fail(*where[0], where[1] + ("size",), f"unknown size {size!r}; one of {sorted(translate.SIZES)}")
             pools.append(construct(DesiredNodePool, name=p.name, replicas=replicas, min_size=mn, max_size=mx, size=size,
                                          machine=translate.machine(btype, size, p.name, backend),
-                                         labels=p.labels, taints=p.taints))
+                                         labels=p.labels, taints=p.taints, autoscaling=autoscaling))
         if btype == "aws":
             for pname in backend.node_pools:
                 if pname not in pool_names:
@@ -146,7 +148,8 @@ class Resolver:
             "driftMode": spec.drift_mode, "owner": spec.owner, "backend": backend.model_dump(mode="json"),
             "kubernetesVersion": version,
             "controlPlane": [control_plane.replicas, control_plane.size, control_plane.machine],
-            "nodePools": [[p.name, p.replicas, p.min_size, p.max_size, p.size, p.machine, p.labels, p.taints] for p in pools],
+            "nodePools": [[p.name, p.replicas, p.min_size, p.max_size, p.size, p.machine, p.labels, p.taints]
+                          + (["autoscaling"] if p.autoscaling else []) for p in pools],
             "machines": [[m.name, m.role, m.pool, m.address, m.cpu, m.memory_mib] for m in machines],
             "components": [c.hash for c in components], "workspaces": [w.hash for w in workspaces],
         }

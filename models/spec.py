@@ -156,6 +156,9 @@ class NodePool(Spec):
     replicas: IntOrVar = 3
     min_size: IntOrVar = 1
     max_size: IntOrVar = 10
+    # An autoscaler (cluster-autoscaler, Karpenter, ...) owns the size within minSize..maxSize:
+    # a sweep then corrects only the bounds, and ``replicas`` is the size a new pool starts with.
+    autoscaling: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
     taints: list[str] = Field(default_factory=list)
 
@@ -278,6 +281,7 @@ class NodePoolOverride(Spec):
     replicas: int | None = Field(default=None, ge=0)
     min_size: int | None = Field(default=None, ge=0)
     max_size: int | None = Field(default=None, ge=0)
+    autoscaling: bool | None = None
     size: Size | None = None
 
 

@@ -123,12 +123,19 @@ class NodegroupService:
         ng = self._settled_nodegroup(desired, step.object)
         if ng is None:
             raise PermanentError(f"EKS node group {step.object} does not exist; cannot scale it")
-        want = {"minSize": p.min_size, "maxSize": p.max_size, "desiredSize": p.replicas}
-        have = {k: (ng.get("scalingConfig") or {}).get(k) for k in want}
+        live = ng.get("scalingConfig") or {}
+        size = p.replicas
+        if p.autoscaling:  # the autoscaler owns the size: keep the live one, within the bounds
+            size = min(max(int(live.get("desiredSize") or 0), p.min_size), p.max_size)
+        want = {"minSize": p.min_size, "maxSize": p.max_size, "desiredSize": size}
+        have = {k: live.get(k) for k in want}
         if have == want:
-            return False, f"EKS node group {step.object} is already {p.replicas} ({p.min_size}..{p.max_size})", {}
+            return False, f"EKS node group {step.object} is already {size} ({p.min_size}..{p.max_size})", {}
+        send = dict(want)
+        if p.autoscaling and live.get("desiredSize") == size:
+            del send["desiredSize"]  # inside the bounds: leave the autoscaler's latest choice alone
         u = self._call("eks", self._region(desired), "update_nodegroup_config", clusterName=desired.name,
-                       nodegroupName=step.object, scalingConfig=want)["update"]
+                       nodegroupName=step.object, scalingConfig=send)["update"]
         seen = self._wait_update(desired, u, f"scaling of EKS node group {step.object}", nodegroupName=step.object)
         self._wait_nodegroup(desired, step.object)
         return True, f"scaled EKS node group {step.object} from {have} to {want}", {"updateId": u["id"], "statuses": seen}

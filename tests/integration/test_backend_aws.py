@@ -378,6 +378,47 @@ def test_out_of_band_scale_is_drift(env, backend, desired):
     assert obs.node_pools["general"].replicas == 2 and infra_steps(desired, obs) == []
 
 
+def test_autoscaled_pool_keeps_the_autoscalers_size(env, backend, desired):
+    """A pool with ``autoscaling``: a size changed behind fleetwright's back inside the bounds is not drift;
+    outside them it is brought to the bound, not to the definition's replicas."""
+    auto = with_pool(desired, "general", autoscaling=True, replicas=2, min_size=1, max_size=6)
+    converge(backend, auto)
+    eks = boto(env, "eks")
+
+    def live() -> dict:
+        return eks.describe_nodegroup(clusterName=NAME, nodegroupName="general")["nodegroup"]["scalingConfig"]
+
+    def settle() -> None:  # wait for the out-of-band update to finish (the test env's transition)
+        deadline = time.monotonic() + 30
+        while eks.describe_nodegroup(clusterName=NAME, nodegroupName="general")["nodegroup"]["status"] != "ACTIVE":
+            assert time.monotonic() < deadline, "node group never became ACTIVE"
+            time.sleep(0.1)
+
+    eks.update_nodegroup_config(clusterName=NAME, nodegroupName="general", scalingConfig={"desiredSize": 5})
+    settle()
+    obs = backend.observe(auto)
+    assert obs.node_pools["general"].replicas == 5 and infra_steps(auto, obs) == []  # inside 1..6: the autoscaler's
+    # outside the bounds (someone widened them and scaled up): bounds corrected, size to the upper bound
+    eks.update_nodegroup_config(clusterName=NAME, nodegroupName="general",
+                                scalingConfig={"minSize": 1, "maxSize": 12, "desiredSize": 9})
+    settle()
+    steps = infra_steps(auto, backend.observe(auto))
+    assert [s.action for s in steps] == ["nodePool.scale"] and steps[0].params["replicas"] == 6
+    assert backend.apply(auto, steps[0]).changed
+    assert live() == {"minSize": 1, "maxSize": 6, "desiredSize": 6}
+    # bounds narrowed in Git below the live size: the size follows the new upper bound
+    narrower = with_pool(auto, "general", max_size=4, replicas=2)
+    steps = infra_steps(narrower, backend.observe(narrower))
+    assert [s.action for s in steps] == ["nodePool.scale"]
+    assert backend.apply(narrower, steps[0]).changed
+    assert live() == {"minSize": 1, "maxSize": 4, "desiredSize": 4}
+    assert infra_steps(narrower, backend.observe(narrower)) == []
+    # the same out-of-band size without the setting is drift back to the definition's replicas
+    plain = with_pool(narrower, "general", autoscaling=False)
+    steps = infra_steps(plain, backend.observe(plain))
+    assert [s.params["replicas"] for s in steps] == [2]
+
+
 def test_machine_change_replaces_the_node_group(env, backend, desired):
     """Instance types and disk size of an EKS managed node group are immutable: nodePool.update replaces it."""
     converge(backend, desired)

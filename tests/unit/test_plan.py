@@ -104,3 +104,54 @@ def test_workspace_drift(dev):
     ws = {"payments": ObservedWorkspace(hash=dev.workspaces[0].hash, drift=[FieldDrift(path="ResourceQuota/payments/team-quota", desired="present", observed="missing")])}
     p = plan(dev, obs.model_copy(update={"workspaces": ws}))
     assert actions(p) == [("workspace.update", "payments")]
+
+
+# --------------------------------------------------------------------------- node pools with an autoscaler
+
+def _pool_obs(d, replicas, mn, mx):
+    p = d.node_pools[0]
+    return observed_from(d).model_copy(update={"node_pools": {p.name: ObservedNodePool(
+        replicas=replicas, min_size=mn, max_size=mx, version=d.kubernetes_version, machine=p.machine)}})
+
+
+def _autoscaled(d, mn=1, mx=4, replicas=2):
+    pools = [d.node_pools[0].model_copy(update={"autoscaling": True, "min_size": mn, "max_size": mx, "replicas": replicas})]
+    return d.model_copy(update={"node_pools": pools + list(d.node_pools[1:])})
+
+
+def test_autoscaled_size_inside_the_bounds_is_not_drift(dev):
+    d = _autoscaled(dev)
+    for replicas in (1, 2, 3, 4):
+        assert plan(d, _pool_obs(d, replicas, 1, 4)).empty, replicas
+    # the same observation without the autoscaler setting is drift back to replicas
+    plain = d.model_copy(update={"node_pools": [d.node_pools[0].model_copy(update={"autoscaling": False})]})
+    p = plan(plain, _pool_obs(plain, 3, 1, 4))
+    assert actions(p) == [("nodePool.scale", d.node_pools[0].name)] and p.steps[0].params["replicas"] == 2
+
+
+def test_autoscaled_bounds_are_corrected_and_the_size_kept(dev):
+    d = _autoscaled(dev)
+    name = d.node_pools[0].name
+    p = plan(d, _pool_obs(d, 3, 2, 6))  # bounds changed out of band, size inside the definition's bounds
+    assert actions(p) == [("nodePool.scale", name)]
+    assert p.steps[0].params == {"replicas": 3, "minSize": 1, "maxSize": 4, "autoscaling": True}
+    assert "autoscaler owns the size" in p.steps[0].reason
+
+
+@pytest.mark.parametrize("have,mn,mx,want", [(9, 1, 10, 4), (0, 0, 4, 1), (6, 1, 6, 4)])
+def test_autoscaled_size_outside_the_bounds_goes_to_the_nearest_bound(dev, have, mn, mx, want):
+    d = _autoscaled(dev)
+    p = plan(d, _pool_obs(d, have, mn, mx))
+    assert [s.params["replicas"] for s in p.steps] == [want]  # the bound, not the definition's replicas (2)
+    assert p.steps[0].params["minSize"] == 1 and p.steps[0].params["maxSize"] == 4
+    assert f"{have} is brought to {want}" in p.steps[0].reason
+
+
+def test_autoscaling_from_yaml_and_overrides(example_files):
+    files = edit(example_files, "clusters/vsphere.yaml", "      - {name: general, maxSize: 4}",
+                 "      - {name: general, maxSize: 4, autoscaling: true}")
+    defs = load(files)
+    d = resolve(defs, "dc1-web-dev")
+    assert d.node_pools[0].autoscaling is True
+    before = resolve(load(example_files), "dc1-web-dev")
+    assert before.node_pools[0].autoscaling is False and before.hash != d.hash
