@@ -1,6 +1,7 @@
 """Where definitions come from: a directory tree, or a git repository at a ref.
 
-Reads ``*.yaml`` / ``*.yml`` files and hands their text to ``models.load``.
+Reads ``*.yaml`` / ``*.yml`` files, and ``*.ics`` calendars (blackouts a maintenance block
+names), and hands their text to ``models.load``.
 Git access uses the real ``git`` command (``ls-tree`` and ``cat-file
 --batch``), never hand-rolled object parsing.
 """
@@ -12,11 +13,11 @@ from pathlib import Path
 from models.errors import PermanentError, Problem, SpecInvalid
 from models.load import Definitions, load
 
-_SUFFIXES = (".yaml", ".yml")
+_SUFFIXES = (".yaml", ".yml", ".ics")
 
 
 def read_tree(root: str | Path) -> dict[str, str]:
-    """``{path relative to root's parent-facing display: text}`` for every YAML file under ``root``."""
+    """``{path relative to root's parent-facing display: text}`` for every YAML and .ics file under ``root``."""
     root = Path(root)
     if root.is_file():
         return {str(root): root.read_text(encoding="utf-8")}
@@ -48,7 +49,7 @@ def resolve_ref(repo: str | Path, ref: str) -> str:
 
 
 def read_git(repo: str | Path, ref: str, subdir: str = "") -> dict[str, str]:
-    """YAML files of ``repo`` at ``ref`` (optionally under ``subdir``), keyed ``ref:path``-free relative paths."""
+    """YAML and .ics files of ``repo`` at ``ref`` (optionally under ``subdir``), keyed ``ref:path``-free relative paths."""
     sha = resolve_ref(repo, ref)
     listing = _git(repo, "ls-tree", "-r", "-z", sha, "--", subdir or ".").split(b"\0")
     blobs = []

@@ -165,6 +165,52 @@ def diff(repo: Path, from_ref: str = typer.Option(..., "--from"), to_ref: str = 
 
 
 @app.command()
+def windows(path: Path, cluster: Optional[str] = typer.Option(None, "--cluster", "-c"),
+            from_: Optional[str] = typer.Option(None, "--from", help="A date or ISO time (default: now; naive = UTC)"),
+            days: int = typer.Option(14, "--days", min=1, max=400),
+            format: Format = typer.Option(Format.text, "--format", "-f")) -> None:
+    """The next maintenance windows and blackouts of each cluster, in its local time and in UTC."""
+    from datetime import datetime, timezone
+
+    from models.maintenance import schedule_of
+    from models.resolve import Resolver
+    from models.windows import upcoming
+
+    try:
+        start = datetime.fromisoformat(from_) if from_ else datetime.now(timezone.utc)
+    except ValueError:
+        typer.echo(f"error: --from {from_!r} is not a date or ISO time", err=True)
+        raise typer.Exit(2)
+    start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+    try:
+        defs = _load(path)
+        names = [cluster] if cluster else sorted(defs.clusters)
+        if cluster and cluster not in defs.clusters:
+            _resolved(path, cluster)  # exits 2 with the known names
+        r = Resolver(defs)
+        since = start.timestamp()
+        out = {}
+        for n in names:
+            d = r.resolve(n)
+            s = schedule_of(d, defs.files)
+            m = d.maintenance
+            out[n] = {"timezone": m.timezone if m else None, "windowsFrom": m.windows_from if m else None,
+                      "alwaysOpen": s.always_open, "upcoming": upcoming(s, since, since + days * 86400)}
+    except FleetwrightError as e:
+        _fail(e)
+    if format != Format.text:
+        return _emit({n: {**v, "upcoming": [{k: x for k, x in row.items() if k != "start"} for row in v["upcoming"]]}
+                      for n, v in out.items()}, format)
+    for n, v in out.items():
+        where = f"windows from {v['windowsFrom']}" if v["windowsFrom"] else "no window: may change at any time"
+        typer.echo(f"{n}  ({v['timezone'] + '; ' if v['timezone'] else ''}{where})")
+        for row in v["upcoming"]:
+            typer.echo(f"  {row['kind']:8} {row['local']:44} {row['utc']:34} {row['note']}".rstrip())
+        if not v["upcoming"] and not v["alwaysOpen"]:
+            typer.echo(f"  no window in the next {days} days")
+
+
+@app.command()
 def schema(output: Optional[Path] = typer.Option(None, "--output", "-o")) -> None:
     """Write the JSON Schema of the definitions, for editors to complete and check files."""
     from models.schema import json_schema

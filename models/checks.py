@@ -1,6 +1,7 @@
 """Semantic checks over the whole catalogue: references, uniqueness, and that every cluster resolves."""
 from __future__ import annotations
 
+from . import maintenance
 from .errors import Problem
 from .catalogue import Definitions, DocRef, Locator
 from .resolve import Resolver, check_variable
@@ -90,6 +91,8 @@ def check(defs: Definitions, loc: Locator) -> list[Problem]:
         for i, c in enumerate(pol.spec.protected_components):
             if c not in defs.components:
                 at(("Policy", pname), ("spec", "protectedComponents", i), f"no Component {c!r}")
+
+    maintenance.check(defs, at)  # calendars, minimum availability of windows
 
     if not out:
         out.extend(Resolver(defs).problems())

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from .maintenance import DesiredMaintenance
 from .spec import AwsBackend, MetalBackend, VsphereBackend
 
 
@@ -88,6 +89,7 @@ class DesiredCluster(_Frozen):
     components: list[DesiredComponent]
     workspaces: list[DesiredWorkspace]
     hash: str
+    maintenance: DesiredMaintenance | None = None  # merged windows and blackouts; not in the hash (no cluster change)
 
     def component(self, name: str) -> DesiredComponent | None:
         return next((c for c in self.components if c.name == name), None)

@@ -20,6 +20,8 @@ from .checks import check
 from .errors import Problem, SpecInvalid
 from .spec import API_VERSION, KINDS, ClusterModel
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
 
 def _message(err: dict) -> str:
     kind, inp = err.get("type"), err.get("input")
@@ -32,6 +34,8 @@ def _message(err: dict) -> str:
     if kind == "string_pattern_mismatch":
         pat = (err.get("ctx") or {}).get("pattern", "")
         return f"{inp!r} does not match the required pattern {pat}"
+    if kind == "value_error":
+        return str((err.get("ctx") or {}).get("error") or err.get("msg", "invalid"))
     if kind == "union_tag_invalid":
         ctx = err.get("ctx") or {}
         return f"unknown {ctx.get('discriminator', 'type').strip(chr(39))} {ctx.get('tag')!r}: expected one of {ctx.get('expected_tags')}"
@@ -44,6 +48,8 @@ def load(files: dict[str, str]) -> Definitions:
     problems: list[Problem] = []
     loc = Locator(files)
     for file in sorted(files):
+        if not file.endswith(YAML_SUFFIXES):  # calendars (.ics) are read where a maintenance block names them
+            continue
         try:
             raw_docs = list(yaml.load_all(files[file], Loader=_Loader))
         except yaml.YAMLError as e:

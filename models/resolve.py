@@ -16,7 +16,7 @@ from .desired import DesiredCluster, DesiredComponent, DesiredControlPlane, Desi
 from .errors import Problem, SpecInvalid
 from .catalogue import Definitions, DocRef, Locator
 from .spec import K8S_MINOR, Cluster, ClusterModel, Component, Variable
-from . import render, translate
+from . import maintenance, render, translate
 from .util import canonical_hash, construct, deep_merge
 
 _VAR = re.compile(r"\$\{var\.([a-zA-Z][a-zA-Z0-9_]*)\}")
@@ -153,11 +153,15 @@ class Resolver:
             "machines": [[m.name, m.role, m.pool, m.address, m.cpu, m.memory_mib] for m in machines],
             "components": [c.hash for c in components], "workspaces": [w.hash for w in workspaces],
         }
-        return construct(DesiredCluster, 
+        try:
+            maint = maintenance.merge(maintenance.levels_of(self.defs, cluster, model), self.defs.files, cname)
+        except maintenance.MergeProblem as m:
+            raise _Fail(m.kind, m.key, m.loc, m.message) from None
+        return construct(DesiredCluster,
             name=cname, labels=labels, model=model.metadata.name, model_version=model.metadata.version,
             drift_mode=spec.drift_mode, protected=labels.get(_PROTECTED_LABEL) == "true", owner=spec.owner,
             backend=backend, kubernetes_version=version, control_plane=control_plane, node_pools=pools,
-            machines=machines, components=components, workspaces=workspaces, hash=canonical_hash(core),
+            machines=machines, components=components, workspaces=workspaces, hash=canonical_hash(core), maintenance=maint,
         )
 
     def _variables(self, cluster: Cluster, model: ClusterModel) -> dict[str, Any]:

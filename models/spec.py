@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
+from .maintenance import FleetMaintenance, MaintenanceSpec
+
 API_VERSION = "fleetwright.io/v1alpha1"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 K8S_MINOR = r"^1\.[0-9]{1,2}$"
@@ -182,6 +184,7 @@ class ClusterModelSpec(Spec):
     node_pools: Annotated[list[NodePool], Field(min_length=1)]
     capabilities: dict[Capability, "CapabilityRequest"] = Field(default_factory=dict)
     components: list[ModelComponent] = Field(default_factory=list)
+    maintenance: MaintenanceSpec | None = None
 
 
 class CapabilityRequest(Spec):
@@ -299,6 +302,7 @@ class ClusterSpec(Spec):
     components: list[ModelComponent] = Field(default_factory=list)
     overrides: Overrides = Field(default_factory=Overrides)
     backend: Backend
+    maintenance: MaintenanceSpec | None = None
 
 
 class Cluster(Spec):
@@ -377,6 +381,7 @@ class PolicySpec(Spec):
     protected_components: list[Name] = Field(default_factory=list)
     roles: list[Role] = []
     platform_role: Name = "platform"
+    maintenance: FleetMaintenance | None = None
 
 
 class Policy(Spec):

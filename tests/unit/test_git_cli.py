@@ -38,7 +38,8 @@ def commit(repo, rel, old, new, msg):
 
 def test_read_git_at_ref(repo):
     files = read_git(repo, "base", "fleet")
-    assert "fleet/policy.yaml" in files and len(files) == len(list(EXAMPLES.rglob("*.yaml")))
+    assert "fleet/policy.yaml" in files and len(files) == len([p for p in EXAMPLES.rglob("*") if p.suffix in (".yaml", ".ics")])
+    assert files["fleet/calendars/trading.ics"].startswith("BEGIN:VCALENDAR")  # calendars are read from git too
     commit(repo, "fleet/policy.yaml", "members: [dave]", "members: [dave, erin]", "auditor")
     assert "erin" not in read_git(repo, "base", "fleet")["fleet/policy.yaml"]
     assert "erin" in read_git(repo, "HEAD", "fleet")["fleet/policy.yaml"]

@@ -30,7 +30,7 @@ def test_unknown_field_is_located(example_files):
 
 def test_min_greater_than_max_is_located_at_the_field(example_files):
     files = edit(example_files, "clusters/vsphere.yaml", "- {name: general, maxSize: 4}", "- {name: general, maxSize: 4, minSize: 6}")
-    assert problems(files) == ["clusters/vsphere.yaml:37: spec.overrides.nodePools[0].minSize: must be <= maxSize (6 > 4)"]
+    assert problems(files) == ["clusters/vsphere.yaml:41: spec.overrides.nodePools[0].minSize: must be <= maxSize (6 > 4)"]
 
 
 def test_model_min_greater_than_max(example_files):
