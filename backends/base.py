@@ -7,8 +7,9 @@ the type of the cluster's backend spec, and every in-cluster step goes to the
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Iterator, Protocol, runtime_checkable
 
 from models.desired import DesiredCluster, ObservedCluster
 from models.plan import Step
@@ -86,3 +87,43 @@ def merge_observations(infra: ObservedCluster, inside: ObservedCluster | None) -
     return infra.model_copy(update={"components": components, "workspaces": inside.workspaces,
                                     "in_flight": list(infra.in_flight) + list(inside.in_flight),
                                     "reachable": infra.reachable and inside.reachable})
+
+
+# --------------------------------------------------------------------------- API call guard
+# Backends cannot import Prefect, yet every call they make to a provider API must honour the
+# fleet's limit for that API. So backends wrap each call in ``with api_call("aws"):`` and the
+# tasks layer installs the guard that enforces the limits (``tasks.locks.install_api_guard``).
+# Without a guard (unit tests, a script) the call just runs.
+
+APIS = ("aws", "vsphere", "metal", "kubernetes")
+_guard: Callable[[str], ContextManager[None]] | None = None
+
+
+def set_api_guard(guard: Callable[[str], ContextManager[None]] | None) -> None:
+    """Install (or with None remove) the process-wide guard every backend API call goes through."""
+    global _guard
+    _guard = guard
+
+
+@contextmanager
+def api_call(api: str) -> Iterator[None]:
+    """Around ONE call to a provider API (``aws``, ``vsphere``, ``metal``, ``kubernetes``): waits for the limit."""
+    guard = _guard
+    if guard is None:
+        yield
+        return
+    with guard(api):
+        yield
+
+
+@runtime_checkable
+class BatchObserver(Protocol):
+    """Optional for an infrastructure backend: observe many clusters in one go (one session, one query).
+
+    Returns an ObservedCluster or the exception raised for each cluster, by cluster name. The sweep
+    calls it for the clusters of a batch that share this backend, instead of ``observe`` one by one;
+    clusters missing from the answer are observed one by one.
+    """
+
+    def observe_many(self, desired: list[DesiredCluster]) -> dict[str, ObservedCluster | Exception]:
+        ...

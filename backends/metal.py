@@ -29,7 +29,7 @@ from models.errors import OwnershipConflict, PermanentError
 from models.plan import Step
 
 from . import ansible
-from .base import KubeAccess, StepResult
+from .base import KubeAccess, StepResult, api_call
 from .connections import Connections
 
 _logger = logging.getLogger("fleetwright.backends.metal")
@@ -66,7 +66,8 @@ class HostsCluster:
 
     def _states(self, desired: DesiredCluster, hosts: list[Machine] | None = None) -> dict[str, ansible.HostState]:
         hosts = self.hosts(desired) if hosts is None else hosts
-        states = ansible.host_states(hosts, desired, self.connections, log=self.log) if hosts else {}
+        with api_call("metal"):  # one Ansible run: one call against the fleet's metal API limit
+            states = ansible.host_states(hosts, desired, self.connections, log=self.log) if hosts else {}
         for s in states.values():
             if s.marker and s.marker != desired.name:
                 raise OwnershipConflict(
@@ -116,8 +117,9 @@ class HostsCluster:
         hosts = self.hosts(desired)
         if limit is not None and not limit:
             return ansible.AnsibleResult(changed=False, ok=[], failed=[], unreachable=[], stats={})
-        return ansible.run(playbook, hosts, desired, self.connections, extravars, log=self.log,
-                           limit=[m.name for m in limit] if limit is not None else None, lock=False)
+        with api_call("metal"):
+            return ansible.run(playbook, hosts, desired, self.connections, extravars, log=self.log,
+                               limit=[m.name for m in limit] if limit is not None else None, lock=False)
 
     def workers(self, desired: DesiredCluster, pool: str | None = None) -> list[Machine]:
         return [m for m in desired.machines if m.role == "worker" and (pool is None or m.pool == pool)]

@@ -1,47 +1,76 @@
 """The scheduled fleet sweep: observe every cluster, diff, and report or correct by its drift mode.
 
-Clusters are handled in batches (one Prefect task per batch, 50 by default),
-with concurrent backend calls inside a batch, so a sweep of 2,000 clusters is
-about 40 task runs plus one per repair, not thousands of subflows. A cluster
-in ``report`` mode gets an artifact line and makes the run end Failed (a
-failed check); one in ``correct`` mode is repaired under its lock. Clusters
-that do not exist yet are reported as absent: creating is ``create-cluster``'s job.
+``reconcile-fleet`` splits the selected fleet into shards of ``shard_size`` clusters and runs
+each shard as its own run of the ``reconcile-shard`` deployment, so every worker of the pool
+takes part; it waits for all of them, re-submits a shard whose run crashed (its worker died),
+and gathers one fleet summary artifact from the shards' summaries (counts plus the clusters
+that are not in sync: memory stays bounded at 10,000 clusters). A fleet no bigger than one
+shard, or a sweep not started from a deployment, runs in this flow run.
+
+Within a shard, clusters are handled in batches (one Prefect task per batch, 50 by default)
+with concurrent backend calls inside a batch; a backend that offers ``observe_many`` reads a
+batch's clusters in one go. A shard holds its share of each backend API's fleet-wide limit
+(``tasks.locks.api_share``), so the limits bound API calls across all shards.
+
+A cluster in ``report`` mode gets an artifact line and a ``fleetwright.cluster.drift`` event;
+the run ends in the state named ``Drift`` (Completed) with the clusters in its message. Failed
+or refused clusters emit ``fleetwright.cluster.failed`` and end the run ``Failed``. One in
+``correct`` mode is repaired under its lock. Clusters that do not exist yet are reported as
+absent: creating is ``create-cluster``'s job. A sweep that starts while another one still runs
+is skipped (state ``Skipped``, saying which run) instead of queueing behind it.
 """
 from __future__ import annotations
 
+import math
 import time
+from contextlib import nullcontext
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
-from prefect.states import Failed
+from prefect.runtime import flow_run as this_run
+from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from models.desired import DesiredCluster
-from models.errors import TransientError
+from backends import registry
+from backends.base import BatchObserver
+from models.desired import DesiredCluster, ObservedCluster
+from models.errors import PermanentError, TransientError
 from models.plan import plan
 from models.resolve import Resolver, matches
 from models.status import PROBLEMS, Status
-from tasks.cluster import Outcome, converge, drift_lines, observe_cluster, plan_rows
-from tasks.report import publish
+from tasks.blocks import connections
+from tasks.cluster import Outcome, _observe as observe_once, converge, drift_lines, plan_rows
+from tasks.locks import api_share, share_of
+from tasks.report import merge_summaries, publish, publish_summary, summarise
 
 from .common import DefinitionsSource, default_source, in_threads, load_definitions, run_key
 
+SHARD_DEPLOYMENT = "reconcile-shard/reconcile-shard"
+TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
-def _observe(desired: DesiredCluster, attempts: int = 3):
+
+class SweepFailed(PermanentError):
+    """Clusters failed or were refused in a sweep (the fleet summary artifact lists them)."""
+
+
+def _observe(desired: DesiredCluster, infra_observed: ObservedCluster | None = None, attempts: int = 3):
     for i in range(attempts):
         try:
-            return observe_cluster.fn(desired)
+            return observe_once(desired, infra_observed if i == 0 else None)
         except TransientError:
             if i == attempts - 1:
                 raise
             time.sleep(0.5 * 2 ** i)
 
 
-def check_one(desired: DesiredCluster, dry_run: bool, idempotency_key: str) -> Outcome:
+def check_one(desired: DesiredCluster, dry_run: bool, idempotency_key: str,
+              infra_observed: ObservedCluster | Exception | None = None) -> Outcome:
     t0 = time.monotonic()
     try:
-        observed = _observe(desired)
+        if isinstance(infra_observed, Exception):
+            raise infra_observed
+        observed = _observe(desired, infra_observed)
     except Exception as e:  # noqa: BLE001 - one unreachable cluster must not stop the sweep
         return Outcome(desired.name, Status.FAILED, reason=f"observe: {type(e).__name__}: {e}", seconds=time.monotonic() - t0)
     if not observed.exists:
@@ -62,33 +91,234 @@ def check_one(desired: DesiredCluster, dry_run: bool, idempotency_key: str) -> O
     return out
 
 
+def observe_batch(desired: list[DesiredCluster]) -> dict[str, ObservedCluster | Exception]:
+    """Infrastructure observations from backends that read many clusters at once (``observe_many``)."""
+    by_type: dict[str, list[DesiredCluster]] = {}
+    for d in desired:
+        by_type.setdefault(d.backend.type, []).append(d)
+    out: dict[str, ObservedCluster | Exception] = {}
+    for group in by_type.values():
+        infra = registry.infrastructure(group[0], connections())
+        if len(group) > 1 and isinstance(infra, BatchObserver):
+            try:
+                out.update(infra.observe_many(group))
+            except Exception as e:  # noqa: BLE001 - fall back to one observation per cluster
+                get_run_logger().warning("batch observation of %d %s clusters failed (%s); observing one by one",
+                                         len(group), group[0].backend.type, e)
+    return out
+
+
 @task(name="reconcile-batch", task_run_name="reconcile batch {index}", cache_policy=NO_CACHE)
 def reconcile_batch(index: int, desired: list[DesiredCluster], dry_run: bool, idempotency_key: str,
                     max_workers: int) -> list[Outcome]:
-    return in_threads(lambda d: check_one(d, dry_run, idempotency_key), desired, max_workers)
+    pre = observe_batch(desired)
+    return in_threads(lambda d: check_one(d, dry_run, idempotency_key, pre.get(d.name)), desired, max_workers)
+
+
+def _sweep(desired: list[DesiredCluster], dry_run: bool, key: str, batch_size: int, max_workers: int) -> list[Outcome]:
+    futures = [reconcile_batch.submit(i, desired[i:i + batch_size], dry_run, key, max_workers)
+               for i in range(0, len(desired), batch_size)]
+    return [o for f in futures for o in f.result()]
+
+
+def _apis(desired: list[DesiredCluster]) -> set[str]:
+    return {d.backend.type for d in desired} | {"kubernetes"}
+
+
+def _listed(names: list[str], n: int = 20) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def final_state(flow_name: str, summary: dict):
+    """The run's end: Failed (clusters failed/refused), Completed named Drift (report-mode drift), or Completed."""
+    counts = summary["counts"]
+    drift = [c["cluster"] for c in summary["clusters"] if c["status"] == Status.DRIFT]
+    bad = [c["cluster"] for c in summary["clusters"] if c["status"] in PROBLEMS]
+    tally = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    retried = summary.get("retried_shards") or []
+    extra = f"; shards re-run after their worker died: {len(retried)}" if retried else ""
+    if bad:
+        msg = (f"{flow_name}: {len(bad)} cluster(s) failed or refused: {_listed(bad)}"
+               + (f"; drift reported on {len(drift)}: {_listed(drift)}" if drift else "") + f" ({tally}){extra}")
+        return Failed(name="Failed", message=msg, data=SweepFailed(msg))
+    if drift:
+        msg = f"{flow_name}: drift reported on {len(drift)} cluster(s) in report mode: {_listed(drift)} ({tally}){extra}"
+        return Completed(name="Drift", message=msg, data=summary)
+    return Completed(message=f"{flow_name}: {summary['total']} clusters ({tally}){extra}", data=summary)
+
+
+# --------------------------------------------------------------------------- one shard
+
+
+@flow(name="reconcile-shard", log_prints=True, persist_result=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
+def reconcile_shard(clusters: list[str], source: Optional[DefinitionsSource] = None, dry_run: bool = False,
+                    batch_size: int = 50, max_workers: int = 8, idempotency_key: Optional[str] = None,
+                    shard: str = "", api_shares: dict[str, int] = {}):  # noqa: B006
+    """One shard of a fleet sweep: the named clusters, under this shard's share of the API limits."""
+    t0 = time.monotonic()
+    defs, _ = load_definitions(source or default_source())
+    r = Resolver(defs)
+    gone = [n for n in clusters if n not in defs.clusters]
+    desired = [r.resolve(n) for n in clusters if n in defs.clusters]
+    outcomes = [Outcome(n, Status.SKIPPED, reason="no longer in the definitions") for n in gone]
+    key = run_key(idempotency_key)
+    with api_share(api_shares) if api_shares else nullcontext():
+        outcomes += _sweep(desired, dry_run, key, batch_size, max_workers)
+    seconds = time.monotonic() - t0
+    publish("reconcile-shard", outcomes, dry_run=dry_run,
+            extra_md=f"Shard {shard}: {len(outcomes)} clusters in {seconds:.1f}s.")
+    summary = summarise(outcomes, shard=shard, seconds=round(seconds, 1))
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(summary["counts"].items()))
+    drift = summary["counts"].get(Status.DRIFT.value, 0)
+    bad = sum(summary["counts"].get(s.value, 0) for s in PROBLEMS)
+    name = "Cluster failures" if bad else "Drift" if drift else "Completed"
+    return Completed(name=name, message=f"shard {shard}: {counts}", data=summary)
+
+
+# --------------------------------------------------------------------------- the fleet
+
+
+def _running_sweep():
+    """Another reconcile-fleet run that is running and started before this one, if any."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    me = this_run.get_id()
+    if not me:
+        return None
+    with get_client(sync_client=True) as c:
+        mine = c.read_flow_run(me)
+        runs = c.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["reconcile-fleet"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+    key = (mine.start_time or mine.expected_start_time, str(mine.id))
+    older = [r for r in runs if str(r.id) != str(me) and (r.start_time or r.expected_start_time, str(r.id)) < key]
+    return older[0] if older else None
+
+
+def _run_shards(names: list[str], *, source, dry_run: bool, batch_size: int, max_workers: int, key: str,
+                shard_size: int, parallel_shards: int, shard_retries: int, apis: set[str],
+                poll_seconds: float, timeout_seconds: float) -> tuple[dict, list[dict]]:
+    """Run every shard as a deployment run, wait for all, re-submit crashed ones; the merged summary."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    log = get_run_logger()
+    n = math.ceil(len(names) / shard_size)
+    size = math.ceil(len(names) / n)  # even shards
+    chunks = [names[i:i + size] for i in range(0, len(names), size)]
+    shares = {api: share_of(api, parallel_shards) for api in sorted(apis)}
+    rows = [{"shard": f"{i + 1}/{len(chunks)}", "clusters": len(c), "attempts": 0, "runs": [], "state": "",
+             "note": ""} for i, c in enumerate(chunks)]
+
+    def submit(i: int) -> str:
+        rows[i]["attempts"] += 1
+        fr = run_deployment(SHARD_DEPLOYMENT, timeout=0, as_subflow=True,
+                            idempotency_key=f"{key}-shard-{i + 1}-attempt-{rows[i]['attempts']}",
+                            parameters={"clusters": chunks[i], "source": source, "dry_run": dry_run,
+                                        "batch_size": batch_size, "max_workers": max_workers,
+                                        "idempotency_key": key, "shard": rows[i]["shard"], "api_shares": shares})
+        rows[i]["runs"].append(str(fr.id))
+        return str(fr.id)
+
+    pending = {submit(i): i for i in range(len(chunks))}
+    log.info("%d clusters in %d shards of up to %d (API shares per shard: %s)", len(names), len(chunks), size, shares)
+    summaries: list[dict] = []
+    deadline = time.monotonic() + timeout_seconds
+    with get_client(sync_client=True) as client:
+        while pending:
+            time.sleep(poll_seconds)
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending))),
+                                         limit=len(pending))
+            for fr in runs:
+                if fr.state is None or fr.state.type.value not in TERMINAL:
+                    continue
+                i = pending.pop(str(fr.id))
+                row = rows[i]
+                row["state"] = fr.state.name
+                summary = None
+                if fr.state.type.value == "COMPLETED":
+                    try:
+                        summary = fr.state.result()
+                    except Exception as e:  # noqa: BLE001 - e.g. result storage not shared between machines
+                        row["note"] += f"result unreadable: {e}; "
+                if summary is not None:
+                    summaries.append(summary)
+                    continue
+                why = f"run {fr.id} ended {fr.state.name}: {(fr.state.message or '')[:200]}"
+                if row["attempts"] <= shard_retries:
+                    row["note"] += f"re-run after {why}; "
+                    log.warning("shard %s: %s; submitting it again", row["shard"], why)
+                    pending[submit(i)] = i
+                else:
+                    row["note"] += f"gave up after {why}; "
+                    summaries.append(summarise([Outcome(c, Status.FAILED, reason=f"shard {row['shard']}: {why}")
+                                                for c in chunks[i]]))
+            if pending and time.monotonic() > deadline:
+                for run_id, i in pending.items():
+                    rows[i]["note"] += f"no result within {timeout_seconds:.0f}s (run {run_id}); "
+                    summaries.append(summarise([Outcome(c, Status.FAILED, reason=f"shard {rows[i]['shard']}: "
+                                                        f"no result within {timeout_seconds:.0f}s") for c in chunks[i]]))
+                break
+    merged = merge_summaries(summaries)
+    merged["retried_shards"] = [r["shard"] for r in rows if r["attempts"] > 1]
+    return merged, rows
+
+
+def _shards_md(rows: list[dict]) -> str:
+    lines = ["## Shards", "", "| shard | clusters | attempts | state | runs | note |", "|---|---:|---:|---|---|---|"]
+    lines += [f"| {r['shard']} | {r['clusters']} | {r['attempts']} | {r['state']} | {', '.join(r['runs'])} | "
+              f"{r['note'].strip().rstrip(';') or '-'} |" for r in rows]
+    return "\n".join(lines)
 
 
 @flow(name="reconcile-fleet", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
 def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSource] = None,  # noqa: B006
-                    batch_size: int = 50, max_workers: int = 8, dry_run: bool = False):
-    """Sweep the fleet for drift; report or correct each cluster by its drift mode; one summary artifact."""
+                    batch_size: int = 50, max_workers: int = 8, dry_run: bool = False,
+                    shard_size: int = 500, parallel_shards: int = 3, shard_retries: int = 1,
+                    shard_timeout_seconds: float = 3600.0):
+    """Sweep the fleet for drift in shards; report or correct each cluster by its drift mode; one summary artifact.
+
+    ``shard_size``: clusters per shard run (0: no shards). ``parallel_shards``: how many shards are
+    expected to run at once (each holds 1/parallel_shards of every API's limit; more wait).
+    """
     log = get_run_logger()
     t0 = time.monotonic()
-    defs, _ = load_definitions(source or default_source())
-    r = Resolver(defs)
+    other = _running_sweep()
+    if other is not None:
+        msg = (f"skipped: sweep {other.name} ({other.id}), started {other.start_time}, is still running; "
+               "this one does not queue behind it")
+        log.warning(msg)
+        return Completed(name="Skipped", message=msg, data={"skipped": msg, "running": str(other.id)})
+    src = source or default_source()
+    defs, _ = load_definitions(src)
     names = sorted(n for n, c in defs.clusters.items() if matches(c.metadata.labels, selector))
-    desired = [r.resolve(n) for n in names]
     key = run_key(None)  # a fresh key every sweep: repairs are never skipped as done
-    futures = [reconcile_batch.submit(i, desired[i:i + batch_size], dry_run, key, max_workers)
-               for i in range(0, len(desired), batch_size)]
-    outcomes = [o for f in futures for o in f.result()]
-    counts = publish("reconcile-fleet", outcomes, dry_run=dry_run,
-                     extra_md=f"Swept {len(outcomes)} clusters in {time.monotonic() - t0:.1f}s "
-                              f"({len(futures)} batches of up to {batch_size}).")
-    log.info("fleet: %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-    result = {"counts": counts, "clusters": [o.to_dict() for o in outcomes]}
-    reported = [o.cluster for o in outcomes if o.status == Status.DRIFT]
-    failed = [o.cluster for o in outcomes if o.status in PROBLEMS]
-    if reported or failed:
-        return Failed(message=f"drift reported on {len(reported)} cluster(s) {reported}; failed: {failed}", data=result)
-    return result
+    r = Resolver(defs)
+    sharded = shard_size > 0 and len(names) > shard_size and this_run.get_deployment_id() is not None
+    if sharded:
+        apis = {defs.clusters[n].spec.backend.type for n in names} | {"kubernetes"}
+        del defs, r  # the shards load their own; keep this run small
+        summary, rows = _run_shards(names, source=src, dry_run=dry_run, batch_size=batch_size,
+                                    max_workers=max_workers, key=key, shard_size=shard_size,
+                                    parallel_shards=parallel_shards, shard_retries=shard_retries, apis=apis,
+                                    poll_seconds=2.0, timeout_seconds=shard_timeout_seconds)
+        retried = f" {len(summary['retried_shards'])} shard(s) re-run after a crash: " \
+                  f"{', '.join(summary['retried_shards'])}." if summary["retried_shards"] else ""
+        publish_summary("reconcile-fleet", summary, dry_run=dry_run,
+                        extra_md=f"Swept {summary['total']} clusters in {time.monotonic() - t0:.1f}s "
+                                 f"in {len(rows)} shard runs.{retried}\n\n" + _shards_md(rows))
+    else:
+        desired = [r.resolve(n) for n in names]
+        shares = {api: share_of(api, 1) for api in _apis(desired)}
+        with api_share(shares):
+            outcomes = _sweep(desired, dry_run, key, batch_size, max_workers)
+        publish("reconcile-fleet", outcomes, dry_run=dry_run,
+                extra_md=f"Swept {len(outcomes)} clusters in {time.monotonic() - t0:.1f}s "
+                         f"({math.ceil(len(outcomes) / batch_size)} batches of up to {batch_size}).")
+        summary = summarise(outcomes)
+    log.info("fleet: %s", ", ".join(f"{k}={v}" for k, v in sorted(summary["counts"].items())))
+    return final_state("reconcile-fleet", summary)

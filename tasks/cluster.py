@@ -27,8 +27,11 @@ from models.plan import Plan, Step, minor, plan
 from models.status import Status
 
 from .blocks import connections
-from .locks import api_slot, cluster_lock
+from .locks import cluster_lock, install_api_guard
 from .retry import retry_options
+
+
+install_api_guard()  # every backend API call in this process honours the API limits
 
 
 class GateFailed(PermanentError):
@@ -83,14 +86,13 @@ def observe_cluster(desired: DesiredCluster) -> ObservedCluster:
         return _observe(desired)
 
 
-def _observe(desired: DesiredCluster) -> ObservedCluster:
+def _observe(desired: DesiredCluster, infra_observed: ObservedCluster | None = None) -> ObservedCluster:
+    """Infrastructure then in-cluster observation (``infra_observed``: already read by a batch call)."""
     conns = connections()
     infra = registry.infrastructure(desired, conns)
-    api_slot(desired.backend.type)
-    observed = infra.observe(desired)
+    observed = infra_observed if infra_observed is not None else infra.observe(desired)
     inside = None
     if observed.exists:
-        api_slot("kubernetes")
         inside = registry.in_cluster(infra.kube_access(desired)).observe(desired)
     return merge_observations(observed, inside)
 
@@ -115,10 +117,8 @@ def _apply(desired: DesiredCluster, step: Step) -> dict:
     conns = connections()
     infra = registry.infrastructure(desired, conns)
     if step.target == "infrastructure":
-        api_slot(desired.backend.type)
         result: StepResult = infra.apply(desired, step)
     else:
-        api_slot("kubernetes")
         result = registry.in_cluster(infra.kube_access(desired)).apply(desired, step)
     log.info("%s %s on %s: %s%s", step.action, step.object, desired.name,
              "changed" if result.changed else "no change", f" ({result.detail})" if result.detail else "")
@@ -236,10 +236,8 @@ def decommission(desired: DesiredCluster) -> list[dict]:
     with cluster_lock(desired.name):
         observed = infra.observe(desired)
         if observed.exists:
-            api_slot("kubernetes")
             r = registry.in_cluster(infra.kube_access(desired)).delete(desired)
             done.append({"step": "in-cluster", "changed": r.changed, "detail": r.detail})
-        api_slot(desired.backend.type)
         r = infra.delete(desired)
         done.append({"step": "infrastructure", "changed": r.changed, "detail": r.detail})
     return done

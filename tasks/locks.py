@@ -1,19 +1,20 @@
-"""Per-cluster locks and per-backend API rate limits, as Prefect global concurrency limits.
+"""Per-cluster locks (Prefect global concurrency limits) and per-API call limits.
 
 A cluster lock is a limit of 1 named ``fleetwright-cluster-<name>``, so two
 flows never change one cluster at once, across processes and workers. Its
 lease is renewed while held and expires when a holder dies, so a crashed run
-never blocks the next one for long. API limits (``fleetwright-api-<backend>``)
-are rate limits with slot decay, created once by ``ensure_api_limits``.
+never blocks the next one for long. API limits: see "API limits" below.
 """
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import threading
+import time
+from contextlib import ExitStack, contextmanager
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency, rate_limit
+from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 API_LIMITS = {"aws": (20, 10.0), "vsphere": (10, 5.0), "metal": (8, 2.0), "kubernetes": (50, 25.0)}
@@ -52,14 +53,162 @@ def cluster_lock(cluster: str, timeout_seconds: float | None = None):
         yield
 
 
+# --------------------------------------------------------------------------- API limits
+# A limit per provider API bounds the CALLS a backend makes, not task calls: every call goes
+# through ``backends.base.api_call(api)``, guarded here by a per-process limiter (at most
+# ``concurrency`` calls in flight and ``rate`` calls per second). Fleet-wide, a sweep shard holds
+# a share of each API's Prefect global concurrency limit ``fleetwright-api-<api>`` (limit =
+# the fleet's concurrency) for its whole run and sizes its limiter to that share, so the shards
+# running at once never exceed the fleet's limits, at one server round trip per shard.
+
+DEFAULT_API_LIMITS: dict[str, tuple[int, float]] = {
+    "aws": (20, 10.0), "vsphere": (10, 5.0), "metal": (8, 2.0), "kubernetes": (50, 25.0)}
+API_LIMITS = DEFAULT_API_LIMITS  # kept name: concurrency, calls per second
+
+
+def api_limits() -> dict[str, tuple[int, float]]:
+    """The fleet's limits: defaults, overridden by ``FLEETWRIGHT_API_LIMITS="aws=20:10,kubernetes=50:25"``."""
+    out = dict(DEFAULT_API_LIMITS)
+    raw = os.environ.get("FLEETWRIGHT_API_LIMITS", "").strip()
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        try:
+            api, _, spec = item.partition("=")
+            conc, _, rate = spec.partition(":")
+            out[api.strip()] = (int(conc), float(rate) if rate else float(conc))
+            if out[api.strip()][0] < 1 or out[api.strip()][1] <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"FLEETWRIGHT_API_LIMITS: {item!r} is not api=CONCURRENCY:CALLS_PER_SECOND "
+                             f"(both positive), e.g. aws=20:10") from None
+    return out
+
+
+class ApiLimiter:
+    """Per process: for each API at most ``concurrency`` calls in flight and ``rate`` calls per second."""
+
+    def __init__(self, limits: dict[str, tuple[int, float]]):
+        self._cond = threading.Condition()
+        self._limits = dict(limits)
+        self._in_flight: dict[str, int] = {}
+        self._tokens: dict[str, float] = {}
+        self._stamp: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+
+    def configure(self, api: str, concurrency: int, rate: float) -> None:
+        with self._cond:
+            self._limits[api] = (max(1, int(concurrency)), max(rate, 0.001))
+            self._tokens.pop(api, None)
+            self._cond.notify_all()
+
+    def limit(self, api: str) -> tuple[int, float]:
+        return self._limits.get(api) or self._limits.setdefault(api, (20, 10.0))
+
+    def _take_token(self, api: str) -> float:
+        """0 when a token was taken, else the seconds to wait for the next one (under the lock)."""
+        conc, rate = self.limit(api)
+        now = time.monotonic()
+        burst = max(1.0, min(rate, float(conc)))
+        tokens = min(burst, self._tokens.get(api, burst) + (now - self._stamp.get(api, now)) * rate)
+        self._stamp[api] = now
+        if tokens >= 1.0:
+            self._tokens[api] = tokens - 1.0
+            return 0.0
+        self._tokens[api] = tokens
+        return (1.0 - tokens) / rate
+
+    @contextmanager
+    def __call__(self, api: str):
+        with self._cond:
+            while self._in_flight.get(api, 0) >= self.limit(api)[0]:
+                self._cond.wait()
+            self._in_flight[api] = self._in_flight.get(api, 0) + 1
+        try:
+            while True:
+                with self._cond:
+                    wait = self._take_token(api)
+                if not wait:
+                    break
+                time.sleep(wait)
+            with self._cond:
+                self.calls[api] = self.calls.get(api, 0) + 1
+                self.peak[api] = max(self.peak.get(api, 0), self._in_flight[api])
+            yield
+        finally:
+            with self._cond:
+                self._in_flight[api] -= 1
+                self._cond.notify_all()
+
+
+_limiter: ApiLimiter | None = None
+
+
+def install_api_guard() -> ApiLimiter:
+    """The process's limiter, installed as the backends' API call guard (once)."""
+    global _limiter
+    if _limiter is None:
+        from backends.base import set_api_guard
+
+        _limiter = ApiLimiter(api_limits())
+        set_api_guard(_limiter)
+    return _limiter
+
+
+def api_limit_name(api: str) -> str:
+    return f"fleetwright-api-{api}"
+
+
+def _ensure_concurrency_limit(name: str, limit: int) -> None:
+    """A global concurrency limit (no slot decay) of ``limit``; an older one is brought to it."""
+    if name in _known:
+        return
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    with get_client(sync_client=True) as client:
+        try:
+            gcl = client.read_global_concurrency_limit_by_name(name)
+            if gcl.limit != limit or gcl.slot_decay_per_second:
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(
+                    limit=limit, slot_decay_per_second=0.0))
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            except ObjectAlreadyExists:
+                pass
+    _known.add(name)
+
+
 def ensure_api_limits() -> None:
-    for backend, (limit, decay) in API_LIMITS.items():
-        ensure_limit(f"fleetwright-api-{backend}", limit, decay)
+    for api, (conc, _) in api_limits().items():
+        _ensure_concurrency_limit(api_limit_name(api), conc)
 
 
-def api_slot(backend: str) -> None:
-    """Take one slot of the backend API's rate limit (blocks while the fleet is over its rate)."""
-    name = f"fleetwright-api-{backend}"
-    limit, decay = API_LIMITS.get(backend, (20, 10.0))
-    ensure_limit(name, limit, decay)
-    rate_limit(name, occupy=1, strict=True)
+def share_of(api: str, parallel: int) -> int:
+    """How many of the API's fleet-wide concurrency slots one of ``parallel`` shards holds."""
+    conc, _ = api_limits().get(api, (20, 10.0))
+    return max(1, conc // max(1, parallel))
+
+
+@contextmanager
+def api_share(shares: dict[str, int], timeout_seconds: float | None = None):
+    """Hold ``shares[api]`` slots of each API's fleet limit for the block; size this process's limiter to them.
+
+    Acquired in a fixed order (no deadlock between shards), with leases: a shard that dies frees
+    its share when its lease expires.
+    """
+    limiter = install_api_guard()
+    limits = api_limits()
+    lease = max(60.0, float(os.environ.get("FLEETWRIGHT_LOCK_LEASE_SECONDS", "60")))
+    with ExitStack() as stack:
+        for api in sorted(shares):
+            conc, rate = limits.get(api, (20, 10.0))
+            n = max(1, min(int(shares[api]), conc))
+            _ensure_concurrency_limit(api_limit_name(api), conc)
+            stack.enter_context(concurrency(api_limit_name(api), occupy=n, timeout_seconds=timeout_seconds,
+                                            lease_duration=lease, strict=True, raise_on_lease_renewal_failure=False))
+            limiter.configure(api, n, rate * n / conc)
+        try:
+            yield
+        finally:
+            for api in shares:
+                limiter.configure(api, *limits.get(api, (20, 10.0)))

@@ -64,6 +64,7 @@ FAULTS: list[dict[str, Any]] = []
 # clusters / node groups in CREATING: (due, object)
 PENDING: list[tuple[float, Any]] = []
 CALLS: dict[str, int] = {}
+CONCURRENCY = {"in_flight": 0, "peak": 0}  # API calls being served at once (control endpoint "concurrency")
 
 ADDON_CATALOG = {
     "vpc-cni": ["v1.18.1-eksbuild.1", "v1.18.3-eksbuild.2", "v1.19.0-eksbuild.1"],
@@ -735,6 +736,11 @@ class FrontApp:
                 with _LOCK:
                     SETTINGS.update({k: float(v) for k, v in req.items()})
             return self._json(start_response, 200, dict(SETTINGS))
+        if what == "concurrency":  # GET: calls in flight now and the peak; DELETE: reset the peak
+            with _LOCK:
+                if environ["REQUEST_METHOD"] == "DELETE":
+                    CONCURRENCY["peak"] = CONCURRENCY["in_flight"]
+                return self._json(start_response, 200, dict(CONCURRENCY))
         if what == "calls":
             with _LOCK:
                 if method == "DELETE":
@@ -793,6 +799,16 @@ class FrontApp:
             return self.moto(environ, start_response)
         if path.startswith("/moto-api"):
             return self.moto(environ, start_response)
+        with _LOCK:
+            CONCURRENCY["in_flight"] += 1
+            CONCURRENCY["peak"] = max(CONCURRENCY["peak"], CONCURRENCY["in_flight"])
+        try:
+            return self._serve(environ, start_response, path)
+        finally:
+            with _LOCK:
+                CONCURRENCY["in_flight"] -= 1
+
+    def _serve(self, environ: dict[str, Any], start_response: Any, path: str) -> Any:
         service, action, protocol = _identify(environ)
         method = environ["REQUEST_METHOD"]
         with _LOCK:

@@ -12,6 +12,7 @@ AWS (served by ``testenv.aws_server``; see its docstring for the spec keys)::
     aws_clear_faults(env)
     aws_reset(env)         # clean account (and no faults)
     aws_calls(env)         # {"eks:DescribeCluster": 3, ...}
+    aws_concurrency(env)   # {"in_flight": 0, "peak": 4}: calls served at once (reset=True: peak := now)
     aws_settings(env, update_seconds=0.2, addon_seconds=0.2)
     aws_map_endpoint(env, "c1", "https://127.0.1.11:6443", ca_b64)   # DescribeCluster -> local API
     aws_clear_endpoints(env)
@@ -76,6 +77,11 @@ def aws_reset(env: dict[str, Any]) -> None:
 
 def aws_calls(env: dict[str, Any], clear: bool = False) -> dict[str, int]:
     return _call(env, "DELETE" if clear else "GET", "calls")
+
+
+def aws_concurrency(env: dict[str, Any], reset: bool = False) -> dict[str, int]:
+    """API calls the AWS server is serving at once: ``{"in_flight": n, "peak": m}`` (``reset``: peak := now)."""
+    return _call(env, "DELETE" if reset else "GET", "concurrency")
 
 
 def aws_settings(env: dict[str, Any], **settings: float) -> dict[str, float]:

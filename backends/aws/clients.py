@@ -11,9 +11,32 @@ from botocore.exceptions import BotoCoreError
 from models.desired import DesiredCluster
 from models.errors import TransientError
 
+from ..base import api_call
 from ..connections import Connections
 from .common import CLUSTER_KEY, OWNER_KEY, OWNER_VALUE
 from .errors import map_error
+
+
+_held = threading.local()
+
+
+def _guard_calls(client) -> None:
+    """Every API call of this client waits for the ``aws`` API limit (botocore before-call/after-call events)."""
+
+    def before(**_):
+        guard = api_call("aws")
+        guard.__enter__()
+        _held.__dict__.setdefault("stack", []).append(guard)
+
+    def after(**_):
+        stack = _held.__dict__.get("stack")
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    events = client.meta.events
+    events.register("before-call.*.*", before, unique_id="fleetwright-api-before")
+    events.register("after-call.*.*", after, unique_id="fleetwright-api-after")
+    events.register("after-call-error.*.*", after, unique_id="fleetwright-api-error")
 
 
 class Clients:
@@ -61,6 +84,7 @@ class Clients:
                         c = session.client(service, region_name=region, endpoint_url=self.aws.endpoint_url, config=cfg)
                     except Exception as e:  # noqa: BLE001
                         raise map_error(e, operation=f"{service} client") from None
+                    _guard_calls(c)
                     self._clients[key] = c
         return c
 

@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from models.errors import TransientError
 
-from ..base import KubeAccess
+from ..base import KubeAccess, api_call
 from .errors import map_error
 from .objects import CRD, Res, ref_str
 
@@ -36,7 +36,15 @@ def api_client(access: KubeAccess) -> k8s.ApiClient:
         c.key_file = access.client_key_file
     # SDK-level retries: connection set-up only, never a request that may have reached the server
     c.retries = urllib3.util.Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0, backoff_factor=0.2)
-    return k8s.ApiClient(c)
+    return _GuardedApiClient(c)
+
+
+class _GuardedApiClient(k8s.ApiClient):
+    """Every request waits for the ``kubernetes`` API limit (``backends.base.api_call``)."""
+
+    def call_api(self, *args, **kwargs):
+        with api_call("kubernetes"):
+            return super().call_api(*args, **kwargs)
 
 
 

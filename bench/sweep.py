@@ -1,0 +1,239 @@
+"""Benchmark of the fleet sweep on the production topology, against its lower bound.
+
+For each fleet size (200, 2,000 and 10,000 generated clusters by default; 5 % drift; every
+cluster in ``correct`` mode) it starts a Prefect server on PostgreSQL (the test environment's
+``postgres`` part) with 3 process workers, deploys every flow from prefect.yaml, and runs the
+real ``reconcile-fleet`` deployment, which shards the fleet over ``reconcile-shard`` runs.
+The clusters' backends are the simulated one (``bench/simbackend.py``, a backend plugin:
+50 ms per API call, 3 infrastructure + 3 in-cluster calls per observation, through the real
+API limits).
+
+Lower bound = max over APIs of (calls to that API x latency / the API's allowed concurrency):
+no sweep that honours the limits can be faster. Recorded: wall time (submission to final
+state) against the bound, Prefect flow and task run counts, peak RSS of each worker (with the
+flow-run processes it started) and of the server, and how long the server takes after the run
+ends until its event count stops growing (the drain), plus events lost (task runs completed
+without a ``prefect.task-run.Completed`` event).
+
+Writes the "Sweep" section of bench/RESULTS.md; the last lines printed are
+``sweep: clusters=N seconds=S bound=B ratio=R worker_rss_mb=M``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# the fleet's API limits in the benchmark: concurrency per API (rates high enough not to bind)
+LIMITS = {"aws": 5, "vsphere": 5, "metal": 5, "kubernetes": 15}
+
+
+def generate_fleet(n: int, out: Path) -> None:
+    from bench.core import generate
+
+    shutil.rmtree(out, ignore_errors=True)
+    generate(n, out)
+    for f in (out / "clusters").glob("*.yaml"):  # correct mode everywhere: drift is repaired
+        f.write_text(f.read_text().replace("driftMode: report", "driftMode: correct"))
+
+
+def _post(api: str, path: str, body: dict) -> dict | int:
+    req = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.load(r)
+
+
+def event_count(api: str, since: str) -> int:
+    r = _post(api, "/events/count-by/event", {"filter": {"occurred": {"since": since}}})
+    return sum(x["count"] for x in r)
+
+
+def event_counts(api: str, since: str) -> dict[str, int]:
+    r = _post(api, "/events/count-by/event", {"filter": {"occurred": {"since": since}}})
+    return {x["value"]: x["count"] for x in r}
+
+
+class Sampler(threading.Thread):
+    """Samples RSS every second: each worker with the flow-run processes it started; the server."""
+
+    def __init__(self, stack):
+        super().__init__(daemon=True)
+        self.stack, self.stop_flag = stack, threading.Event()
+        self.peak: dict[str, float] = {}
+        self.peak_run = 0.0
+
+    def run(self) -> None:
+        from testenv.common import read_pid
+        from testenv.prefect_stack import _children, rss_mb
+
+        while not self.stop_flag.is_set():
+            spid = read_pid(self.stack.server_name, self.stack.cfg)
+            if spid:
+                v = rss_mb(spid) + sum(rss_mb(c) for c in _children(spid))
+                self.peak["server"] = max(self.peak.get("server", 0.0), v)
+            for i, wpid in self.stack.worker_pids().items():
+                runs = [rss_mb(c) for c in _children(wpid)]
+                total = rss_mb(wpid) + sum(runs)
+                self.peak[f"worker-{i}"] = max(self.peak.get(f"worker-{i}", 0.0), total)
+                self.peak_run = max([self.peak_run, *runs])
+            self.stop_flag.wait(1.0)
+
+
+def run_size(n: int, args, cfg) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from testenv.prefect_stack import Stack
+
+    work = cfg.state_dir / f"sweep-{n}"
+    defs, sim = work / "defs", work / "sim"
+    shutil.rmtree(work, ignore_errors=True)
+    generate_fleet(n, defs)
+    sim.mkdir(parents=True)
+    limits = ",".join(f"{k}={v}:10000" for k, v in LIMITS.items())
+    env = {"FLEETWRIGHT_BACKEND_PLUGINS": "bench.simbackend", "FLEETWRIGHT_SIM_STATE": str(sim),
+           "FLEETWRIGHT_SIM_LATENCY_MS": str(args.latency_ms), "FLEETWRIGHT_SIM_DRIFT": str(args.drift),
+           "FLEETWRIGHT_SIM_INFRA_CALLS": "3", "FLEETWRIGHT_SIM_KUBE_CALLS": "3",
+           "FLEETWRIGHT_DEFINITIONS": str(defs), "FLEETWRIGHT_USE_BLOCKS": "0", "FLEETWRIGHT_API_LIMITS": limits,
+           "FLEETWRIGHT_RETRY_BASE_SECONDS": "0.5"}
+    stack = Stack(cfg, f"bench{n}", workers=args.workers, worker_limit=args.worker_limit, env=env)
+    print(f"[sweep {n}] starting Prefect on PostgreSQL with {args.workers} workers", flush=True)
+    stack.start()
+    os.environ["PREFECT_API_URL"] = stack.api
+    sampler = Sampler(stack)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: stack.api}):
+            parallel = args.workers * args.worker_limit - 1  # one slot runs reconcile-fleet itself
+            shard_size = math.ceil(n / parallel)
+            time.sleep(5)  # let every worker poll once
+            since = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 5))
+            sampler.start()
+            t0 = time.monotonic()
+            fr = run_deployment("reconcile-fleet/reconcile-fleet", timeout=7200, poll_interval=1,
+                                parameters={"shard_size": shard_size, "parallel_shards": parallel,
+                                            "batch_size": args.batch_size, "max_workers": args.threads})
+            seconds = time.monotonic() - t0
+            ended = time.monotonic()
+            # drain: until the server's event count stops growing (3 equal reads 1 s apart)
+            last, same = -1, 0
+            while same < 3 and time.monotonic() - ended < 600:
+                c = event_count(stack.api, since)
+                same = same + 1 if c == last else 0
+                last = c
+                time.sleep(1.0)
+            drain = max(0.0, time.monotonic() - ended - 3.0)
+            sampler.stop_flag.set()
+            with get_client(sync_client=True) as c:
+                final = c.read_flow_run(fr.id)
+                flow_runs = c.count_flow_runs() if hasattr(c, "count_flow_runs") else None
+                task_runs = c.count_task_runs() if hasattr(c, "count_task_runs") else None
+            if flow_runs is None:
+                flow_runs = _post(stack.api, "/flow_runs/count", {})
+                task_runs = _post(stack.api, "/task_runs/count", {})
+            completed_tasks = _post(stack.api, "/task_runs/count",
+                                    {"task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+            counts = event_counts(stack.api, since)
+    finally:
+        sampler.stop_flag.set()
+        stack.stop()
+    calls = sum(int(x) for f in sim.glob("calls-*") for x in f.read_text().split())
+    # per API: infrastructure calls go to the cluster's backend type (a third each), in-cluster to kubernetes
+    per_api = _calls_per_api(defs, sim, calls)
+    bound = max(per_api[a] * args.latency_ms / 1000.0 / LIMITS[a] for a in per_api if per_api[a])
+    corrected = len(list((sim / "corrected").iterdir()))
+    worker_peaks = {k: v for k, v in sampler.peak.items() if k.startswith("worker")}
+    out = {"clusters": n, "seconds": round(seconds, 1), "bound": round(bound, 1), "ratio": round(seconds / bound, 2),
+           "state": f"{final.state.type.value}/{final.state.name}", "message": (final.state.message or "")[:200],
+           "calls": calls, "calls_per_api": per_api, "corrected": corrected,
+           "run_seconds": round(final.total_run_time.total_seconds(), 1) if final.total_run_time else None,
+           "flow_runs": flow_runs, "task_runs": task_runs, "shards": math.ceil(n / shard_size),
+           "shard_size": shard_size, "worker_rss_mb": round(max(worker_peaks.values() or [0])),
+           "worker_peaks_mb": {k: round(v) for k, v in worker_peaks.items()}, "largest_run_mb": round(sampler.peak_run),
+           "server_rss_mb": round(sampler.peak.get("server", 0)), "drain_seconds": round(drain, 1),
+           "events": sum(counts.values()),
+           "task_completed_events": counts.get("prefect.task-run.Completed", 0), "tasks_completed": completed_tasks}
+    print(f"[sweep {n}] {json.dumps(out)}", flush=True)
+    return out
+
+
+def _calls_per_api(defs: Path, sim: Path, total: int) -> dict[str, int]:
+    """Split the measured calls by API the way the simulated backend charges them (3 infra : 3 in-cluster)."""
+    import collections
+
+    types = collections.Counter()
+    for f in (defs / "clusters").glob("*.yaml"):
+        t = f.read_text()
+        types["aws" if "type: aws" in t else "vsphere" if "type: vsphere" in t else "metal"] += 1
+    n = sum(types.values())
+    infra = total / 2
+    out = {k: round(infra * v / n) for k, v in types.items()}
+    out["kubernetes"] = round(total / 2)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="200,2000,10000")
+    ap.add_argument("--latency-ms", type=float, default=50.0)
+    ap.add_argument("--drift", type=float, default=0.05)
+    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--worker-limit", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+    from testenv.common import Config
+
+    cfg = Config(state_dir=Path(os.environ.get("FLEETWRIGHT_TESTENV_DIR", "/tmp/fleetwright-bench-sweep")))
+    results = [run_size(int(s), args, cfg) for s in args.sizes.split(",")]
+    if not args.no_record:
+        record(results, args)
+    from testenv import postgres
+
+    postgres.down(cfg)
+    for r in results:
+        print(f"sweep: clusters={r['clusters']} seconds={r['seconds']} bound={r['bound']} ratio={r['ratio']} "
+              f"worker_rss_mb={r['worker_rss_mb']}")
+    return 0
+
+
+def record(results: list[dict], args) -> None:
+    from fleetwright.results import write_section
+
+    lines = [f"Measured by `python bench/sweep.py` on {os.cpu_count()} cores (shared with other work), "
+             f"{time.strftime('%Y-%m-%d')}: Prefect server on PostgreSQL (testenv `postgres`), {args.workers} process "
+             f"workers (`--limit {args.worker_limit}`), the real `reconcile-fleet` deployment sharded over "
+             f"`reconcile-shard` runs; simulated backend (bench/simbackend.py) at {args.latency_ms:.0f} ms per API call, "
+             f"3 infrastructure + 3 in-cluster calls per observation, {args.drift:.0%} drift, correct mode. "
+             f"API concurrency allowed: {', '.join(f'{k} {v}' for k, v in LIMITS.items())}. "
+             "Bound = max over APIs of calls x latency / allowed concurrency. Wall = submission to final state. "
+             "RSS: peak of each worker plus the flow-run processes it started; server with its children. "
+             "Drain: from the end of the run until the server's event count stops growing.", "",
+             "| clusters | state | wall s | bound s | ratio | API calls | corrected | shards | flow runs | task runs | "
+             "worker peak RSS MB | largest run MB | server RSS MB | drain s | events | task Completed events / tasks |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        lines.append(f"| {r['clusters']} | {r['state']} | {r['seconds']} | {r['bound']} | {r['ratio']} | {r['calls']} | "
+                     f"{r['corrected']} | {r['shards']} | {r['flow_runs']} | {r['task_runs']} | {r['worker_rss_mb']} | "
+                     f"{r['largest_run_mb']} | {r['server_rss_mb']} | {r['drain_seconds']} | {r['events']} | "
+                     f"{r['task_completed_events']} / {r['tasks_completed']} |")
+    lines += ["", "Goals: ratio <= 1.5 at 2,000 and <= 2.0 at 10,000; worker RSS <= 1 GB; drain <= 60 s.", ""]
+    lines += [f"sweep: clusters={r['clusters']} seconds={r['seconds']} bound={r['bound']} ratio={r['ratio']} "
+              f"worker_rss_mb={r['worker_rss_mb']}" for r in results if r["clusters"] in (2000, 10000)]
+    write_section("Sweep: reconcile-fleet on PostgreSQL with 3 workers", lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
