@@ -213,6 +213,8 @@ class Vpc(Spec):
     subnet_ids: list[Annotated[str, Field(pattern=r"^subnet-[0-9a-f]+$")]] = Field(default_factory=list)
     cidr: Annotated[str, Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")] | None = None
     availability_zones: int = Field(default=2, ge=1, le=6)
+    # NAT gateways for the private subnets: one for the VPC (cheaper), or one per zone (no zone is a single point).
+    nat_gateways: Literal["single", "perZone"] = "single"
 
 
 class AwsNodePool(Spec):

@@ -114,6 +114,29 @@ def _install_fast_resets() -> None:
     iam_models.IAMBackend._init_aws_policies = _init_aws_policies
 
 
+def _install_ec2_fixes() -> None:
+    """Where moto's EC2 differs from AWS in a way fleetwright can see.
+
+    * ``DeleteNatGateway``: AWS disassociates the gateway's Elastic IP and deletes its
+      requester-managed network interface; moto keeps both, so the ENI would outlive its subnet.
+    """
+    from moto.ec2.models.nat_gateways import NatGatewayBackend
+
+    orig_delete = NatGatewayBackend.delete_nat_gateway
+
+    def delete_nat_gateway(self: Any, nat_gateway_id: str) -> Any:
+        nat = orig_delete(self, nat_gateway_id)
+        eni = getattr(nat, "_eni", None)
+        if eni is not None:
+            for eip in list(self.addresses):
+                if eip.eni is eni:
+                    self.disassociate_address(association_id=eip.association_id)
+            self.enis.pop(eni.id, None)
+        return nat
+
+    NatGatewayBackend.delete_nat_gateway = delete_nat_gateway
+
+
 # --------------------------------------------------------------------------- EKS additions
 
 
@@ -843,6 +866,7 @@ def main(argv: list[str] | None = None) -> None:
     SETTINGS["create_seconds"] = args.create_seconds
     os.environ.setdefault("MOTO_PORT", str(args.port))
     _install_fast_resets()
+    _install_ec2_fixes()
     _install_eks_additions()
 
     from werkzeug.serving import make_server

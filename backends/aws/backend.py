@@ -86,7 +86,7 @@ class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupServi
         subnets, net_changed = self._ensure_network(desired)
         arns, roles_changed = self._ensure_roles(desired)
         changed = net_changed or roles_changed
-        return changed, ("created or completed" if changed else "already in place") + " VPC, subnets and IAM roles", \
+        return changed, ("created or completed" if changed else "already in place") + " network (VPC, subnets, gateways, routes) and IAM roles", \
             {"subnetIds": subnets, "roleArns": arns}
 
     # ========================================================================= delete

@@ -87,7 +87,7 @@ class NodegroupService:
     def _create_nodegroup(self, desired: DesiredCluster, pool: str) -> dict[str, Any]:
         p = self._pool(desired, pool)
         c = self._active_cluster(desired, f"create node group {pool}")
-        _vpc, subnets, _ready = self._network(desired)
+        subnets = self._node_subnets(desired)
         role = self._role(desired, self.role_names(desired)["node"])
         if role is None or not subnets:
             raise PermanentError(f"infrastructure of {desired.name} is not ready (run infrastructure.ensure first)")

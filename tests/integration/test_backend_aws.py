@@ -94,19 +94,54 @@ def ours(tags: dict[str, str]) -> bool:
     return tags.get(OWNER_KEY) == OWNER_VALUE and tags.get(CLUSTER_KEY) == NAME
 
 
+def _tags(items: list[dict[str, str]] | None) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in items or []}
+
+
 def inventory(env: dict[str, Any]) -> dict[str, Any]:
-    """Everything of cluster NAME that exists, counted with boto3 directly."""
+    """Everything of cluster NAME that exists, found by our tags across the list APIs (not by names)."""
     ec2, iam, eks = boto(env, "ec2"), boto(env, "iam"), boto(env, "eks")
-    f = [{"Name": f"tag:{CLUSTER_KEY}", "Values": [NAME]}]
+
+    def mine(items: list[dict[str, Any]], key: str) -> list[str]:
+        return sorted(i[key] for i in items if ours(_tags(i.get("Tags"))))
+
     out: dict[str, Any] = {
-        "vpcs": [v["VpcId"] for v in ec2.describe_vpcs(Filters=f)["Vpcs"]],
-        "subnets": [s["SubnetId"] for s in ec2.describe_subnets(Filters=f)["Subnets"]],
-        "roles": sorted(r["RoleName"] for r in iam.list_roles()["Roles"] if r["RoleName"].startswith(f"fw-{NAME}")),
+        "vpcs": mine(ec2.describe_vpcs()["Vpcs"], "VpcId"),
+        "subnets": mine(ec2.describe_subnets()["Subnets"], "SubnetId"),
+        "igws": mine(ec2.describe_internet_gateways()["InternetGateways"], "InternetGatewayId"),
+        "nats": mine([n for n in ec2.describe_nat_gateways()["NatGateways"] if n["State"] != "deleted"], "NatGatewayId"),
+        "route_tables": mine(ec2.describe_route_tables()["RouteTables"], "RouteTableId"),
+        "eips": mine(ec2.describe_addresses()["Addresses"], "AllocationId"),
+        "roles": sorted(r["RoleName"] for r in iam.list_roles()["Roles"]
+                        if ours(_tags(iam.list_role_tags(RoleName=r["RoleName"])["Tags"]))),
         "clusters": eks.list_clusters()["clusters"], "nodegroups": [], "addons": []}
     if NAME in out["clusters"]:
         out["nodegroups"] = eks.list_nodegroups(clusterName=NAME)["nodegroups"]
         out["addons"] = eks.list_addons(clusterName=NAME)["addons"]
     return out
+
+
+def leftovers(env: dict[str, Any]) -> dict[str, list[str]]:
+    """Everything in the account beyond the default VPC's own, tagged or not (must be empty after a delete)."""
+    ec2, iam, eks = boto(env, "ec2"), boto(env, "iam"), boto(env, "eks")
+    default = {v["VpcId"] for v in ec2.describe_vpcs()["Vpcs"] if v.get("IsDefault")}
+    out = {
+        "vpcs": [v["VpcId"] for v in ec2.describe_vpcs()["Vpcs"] if v["VpcId"] not in default],
+        "subnets": [x["SubnetId"] for x in ec2.describe_subnets()["Subnets"] if x["VpcId"] not in default],
+        "igws": [g["InternetGatewayId"] for g in ec2.describe_internet_gateways()["InternetGateways"]
+                 if not {a["VpcId"] for a in g.get("Attachments", [])} & default],
+        "nats": [n["NatGatewayId"] for n in ec2.describe_nat_gateways()["NatGateways"] if n["State"] != "deleted"],
+        "route_tables": [t["RouteTableId"] for t in ec2.describe_route_tables()["RouteTables"] if t["VpcId"] not in default],
+        "eips": [a.get("AllocationId") or a["PublicIp"] for a in ec2.describe_addresses()["Addresses"]],
+        "security_groups": [g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]
+                            if g["VpcId"] not in default],
+        "enis": [n["NetworkInterfaceId"] for n in ec2.describe_network_interfaces()["NetworkInterfaces"]],
+        "load_balancers": [lb["LoadBalancerArn"] for lb in boto(env, "elbv2").describe_load_balancers()["LoadBalancers"]]
+        + [lb["LoadBalancerName"] for lb in boto(env, "elb").describe_load_balancers()["LoadBalancerDescriptions"]],
+        "roles": [r["RoleName"] for r in iam.list_roles()["Roles"]],
+        "clusters": eks.list_clusters()["clusters"],
+    }
+    return {k: v for k, v in out.items() if v}
 
 
 # --------------------------------------------------------------------------- 1, 2: create, idempotence
@@ -131,9 +166,7 @@ def test_create_from_nothing(env, backend, desired):
     # everything made is marked as ours
     ec2, iam, eks = boto(env, "ec2"), boto(env, "iam"), boto(env, "eks")
     inv = inventory(env)
-    assert len(inv["vpcs"]) == 1 and len(inv["subnets"]) == desired.backend.vpc.availability_zones
-    for v in ec2.describe_vpcs(VpcIds=inv["vpcs"])["Vpcs"] + ec2.describe_subnets(SubnetIds=inv["subnets"])["Subnets"]:
-        assert ours({t["Key"]: t["Value"] for t in v["Tags"]})
+    assert len(inv["vpcs"]) == 1 and len(inv["subnets"]) == 2 * desired.backend.vpc.availability_zones
     assert {s["AvailabilityZone"] for s in ec2.describe_subnets(SubnetIds=inv["subnets"])["Subnets"]} == {
         "us-east-1a", "us-east-1b"}
     policies = {"cluster": {"AmazonEKSClusterPolicy"},
@@ -154,6 +187,87 @@ def test_create_from_nothing(env, backend, desired):
     assert ours(a["tags"]) and a["tags"][COMPONENT_KEY] == "aws-ebs-csi" and a["addonVersion"] == "v1.28.0-eksbuild.1"
 
 
+def _with_vpc(d: DesiredCluster, **update: Any) -> DesiredCluster:
+    backend = d.backend.model_copy(update={"vpc": d.backend.vpc.model_copy(update=update)})
+    return d.model_copy(update={"backend": backend})
+
+
+@pytest.mark.parametrize("nat", ["single", "perZone"])
+def test_network_nodes_can_join(env, backend, desired, nat):
+    """A VPC from a cidr: DNS on, public + private subnet per zone with their ELB roles, an internet gateway,
+    NAT gateways with Elastic IPs (one or one per zone), route tables with default routes and associations."""
+    d = _with_vpc(desired, nat_gateways=nat)
+    steps = infra_steps(d, backend.observe(d))
+    assert steps[0].action == "infrastructure.ensure" and backend.apply(d, steps[0]).changed
+    assert backend.observe(d).infrastructure
+    ec2 = boto(env, "ec2")
+    inv = inventory(env)
+    zones = 2
+    n_nat = 1 if nat == "single" else zones
+    assert [len(inv[k]) for k in ("vpcs", "subnets", "igws", "nats", "eips", "route_tables")] == [
+        1, 2 * zones, 1, n_nat, n_nat, 1 + zones]
+    vpc = inv["vpcs"][0]
+    for attr, key in (("enableDnsSupport", "EnableDnsSupport"), ("enableDnsHostnames", "EnableDnsHostnames")):
+        assert ec2.describe_vpc_attribute(VpcId=vpc, Attribute=attr)[key]["Value"] is True
+    subnets = {x["SubnetId"]: x for x in ec2.describe_subnets(SubnetIds=inv["subnets"])["Subnets"]}
+    roles = {}
+    for sid, sub in subnets.items():
+        t = _tags(sub["Tags"])
+        assert t[f"kubernetes.io/cluster/{NAME}"] == "shared"
+        role = "public" if t.get("kubernetes.io/role/elb") == "1" else "private"
+        assert (t.get("kubernetes.io/role/internal-elb") == "1") == (role == "private")
+        assert sub["MapPublicIpOnLaunch"] == (role == "public")
+        roles[sid] = (role, sub["AvailabilityZone"])
+    assert sorted(roles.values()) == sorted((r, z) for r in ("private", "public") for z in ("us-east-1a", "us-east-1b"))
+    igw = ec2.describe_internet_gateways(InternetGatewayIds=inv["igws"])["InternetGateways"][0]
+    assert [a["VpcId"] for a in igw["Attachments"]] == [vpc]
+    nats = ec2.describe_nat_gateways(NatGatewayIds=inv["nats"])["NatGateways"]
+    assert all(n["State"] == "available" and roles[n["SubnetId"]][0] == "public" for n in nats)
+    assert {a["AllocationId"] for n in nats for a in n["NatGatewayAddresses"]} == set(inv["eips"])
+    tables = ec2.describe_route_tables(RouteTableIds=inv["route_tables"])["RouteTables"]
+    for t in tables:
+        default = [r for r in t["Routes"] if r.get("DestinationCidrBlock") == "0.0.0.0/0"]
+        assoc = [roles[a["SubnetId"]] for a in t["Associations"] if a.get("SubnetId")]
+        assert len(default) == 1 and assoc
+        if default[0].get("GatewayId") == igw["InternetGatewayId"]:
+            assert sorted(assoc) == [("public", "us-east-1a"), ("public", "us-east-1b")]
+        else:
+            (role, az), = assoc
+            nat_az = {n["NatGatewayId"]: roles[n["SubnetId"]][1] for n in nats}[default[0]["NatGatewayId"]]
+            assert role == "private" and (nat == "single" or nat_az == az)
+    # node groups go to the private subnets; the cluster gets them all
+    for s in infra_steps(d, backend.observe(d)):
+        backend.apply(d, s)
+    ng = boto(env, "eks").describe_nodegroup(clusterName=NAME, nodegroupName="general")["nodegroup"]
+    assert sorted(roles[x][0] for x in ng["subnets"]) == ["private", "private"]
+    # deleted in reverse order: nothing of ours left, and nothing else either (EIPs released)
+    assert backend.delete(d).changed
+    assert {k: v for k, v in inventory(env).items() if v} == {}
+    assert leftovers(env) == {}
+
+
+def test_network_resumes_and_never_adopts(env, backend, desired):
+    """A crash after AllocateAddress: the re-run finds the Elastic IP by name + tags and reuses it. A same-named
+    untagged internet gateway is refused, never attached or deleted."""
+    ec2 = boto(env, "ec2")
+    step = infra_steps(desired, backend.observe(desired))[0]
+    tags = [{"Key": "Name", "Value": f"fw-{NAME}-us-east-1a"}, {"Key": OWNER_KEY, "Value": OWNER_VALUE},
+            {"Key": CLUSTER_KEY, "Value": NAME}]
+    eip = ec2.allocate_address(Domain="vpc", TagSpecifications=[{"ResourceType": "elastic-ip", "Tags": tags}])
+    assert backend.apply(desired, step).changed
+    assert inventory(env)["eips"] == [eip["AllocationId"]]
+    assert not backend.apply(desired, step).changed
+    backend.delete(desired)
+    assert leftovers(env) == {}
+    foreign = ec2.create_internet_gateway(TagSpecifications=[{"ResourceType": "internet-gateway", "Tags": [
+        {"Key": "Name", "Value": f"fw-{NAME}"}]}])["InternetGateway"]["InternetGatewayId"]
+    with pytest.raises(OwnershipConflict, match=foreign):
+        backend.apply(desired, step)
+    backend.delete(desired)
+    assert ec2.describe_internet_gateways(InternetGatewayIds=[foreign])["InternetGateways"]
+    ec2.delete_internet_gateway(InternetGatewayId=foreign)
+
+
 def test_second_apply_changes_nothing(env, backend, desired):
     done = converge(backend, desired)
     before = backend.observe(desired)
@@ -163,10 +277,11 @@ def test_second_apply_changes_nothing(env, backend, desired):
     assert backend.observe(desired) == before
     after = aws_calls(env)
     mutating = {k: after.get(k, 0) - calls.get(k, 0) for k in after
-                if k.split(":")[1].startswith(("Create", "Update", "Attach", "Delete", "Tag"))}
+                if k.split(":")[1].startswith(("Create", "Update", "Attach", "Delete", "Tag", "Modify", "Associate",
+                                                   "Allocate", "Replace", "Release", "Detach", "Disassociate"))}
     assert not any(mutating.values()), mutating
     inv = inventory(env)
-    assert (len(inv["vpcs"]), len(inv["subnets"]), len(inv["roles"])) == (1, 2, 2)
+    assert (len(inv["vpcs"]), len(inv["subnets"]), len(inv["roles"])) == (1, 4, 2)
     assert inv["nodegroups"] == ["general"] and inv["addons"] == ["aws-ebs-csi-driver"]
     # a fresh backend (a restarted worker) finds the same things: no local state
     assert make_backend(env).observe(desired) == before
@@ -210,7 +325,7 @@ def test_scale_upgrade_and_addon_change(env, backend, desired):
     steps = infra_steps(up, backend.observe(up))
     assert [(s.action, s.params["version"]) for s in steps] == [("controlPlane.upgrade", "1.21"),
                                                                ("nodePool.upgrade", "1.21")]
-    aws_settings(env, update_seconds=1.0)
+    aws_settings(env, update_seconds=3.0)  # a window several observations wide
     box: dict[str, Any] = {}
     t = threading.Thread(target=lambda: box.setdefault("r", backend.apply(up, steps[0])))
     watcher = make_backend(env)
@@ -271,14 +386,18 @@ def test_spec_tags_zones_and_instance_types(env):
             CLUSTER_KEY: "eu-web-prod-1"}
     f = [{"Name": f"tag:{CLUSTER_KEY}", "Values": ["eu-web-prod-1"]}]
     subnets = ec2.describe_subnets(Filters=f)["Subnets"]
-    assert sorted(s["AvailabilityZone"] for s in subnets) == ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
-    tagsets = [{t["Key"]: t["Value"] for t in x["Tags"]} for x in ec2.describe_vpcs(Filters=f)["Vpcs"] + subnets]
+    assert sorted(s["AvailabilityZone"] for s in subnets) == sorted(["eu-west-1a", "eu-west-1b", "eu-west-1c"] * 2)
+    network = (ec2.describe_vpcs(Filters=f)["Vpcs"] + subnets + ec2.describe_internet_gateways(Filters=f)["InternetGateways"]
+               + [n for n in ec2.describe_nat_gateways()["NatGateways"] if n["State"] == "available"]
+               + ec2.describe_addresses()["Addresses"] + ec2.describe_route_tables(Filters=f)["RouteTables"])
+    assert len(network) == 1 + 6 + 1 + 1 + 1 + 4
+    tagsets = [{t["Key"]: t["Value"] for t in x["Tags"]} for x in network]
     tagsets += [{t["Key"]: t["Value"] for t in iam.get_role(RoleName=f"fw-eu-web-prod-1-{k}")["Role"]["Tags"]}
                 for k in ("cluster", "node")]
     tagsets += [eks.describe_cluster(name="eu-web-prod-1")["cluster"]["tags"],
                 eks.describe_nodegroup(clusterName="eu-web-prod-1", nodegroupName="general")["nodegroup"]["tags"],
                 eks.describe_addon(clusterName="eu-web-prod-1", addonName="aws-ebs-csi-driver")["addon"]["tags"]]
-    assert len(tagsets) == 9 and all(want.items() <= t.items() for t in tagsets)
+    assert len(tagsets) == 19 and all(want.items() <= t.items() for t in tagsets)
 
 
 # --------------------------------------------------------------------------- 4: delete
@@ -288,7 +407,8 @@ def test_delete_leaves_nothing(env, backend, desired):
     assert inventory(env)["nodegroups"] == ["general"]
     r = backend.delete(desired)
     assert r.changed and not r.outputs["skipped"]
-    assert inventory(env) == {"vpcs": [], "subnets": [], "roles": [], "clusters": [], "nodegroups": [], "addons": []}
+    assert {k: v for k, v in inventory(env).items() if v} == {}
+    assert leftovers(env) == {}
     again = backend.delete(desired)
     assert not again.changed
     obs = backend.observe(desired)
@@ -359,7 +479,7 @@ def test_transient_faults_survived(env, backend, desired):
 def test_out_of_band_scale_is_drift(env, backend, desired):
     converge(backend, desired)
     eks = boto(env, "eks")
-    aws_settings(env, update_seconds=1.0)
+    aws_settings(env, update_seconds=6.0)  # a window wide enough for a loaded machine
     eks.update_nodegroup_config(clusterName=NAME, nodegroupName="general",
                                 scalingConfig={"minSize": 1, "maxSize": 20, "desiredSize": 5})
     obs = backend.observe(desired)
@@ -369,7 +489,7 @@ def test_out_of_band_scale_is_drift(env, backend, desired):
     assert [s.action for s in steps] == ["nodePool.scale"]
     assert "is 5 (1..20), wants 2" in steps[0].reason and steps[0].params["replicas"] == 2
     # a worker that gives up waiting for the running update raises TransientError and changes nothing
-    with pytest.raises(TransientError, match="timed out"):
+    with pytest.raises(TransientError, match="timed out .* waiting for EKS node group general ACTIVE"):
         make_backend(env, timeout_seconds=0.2).apply(desired, steps[0])
     assert backend.observe(desired).node_pools["general"].replicas == 5
     r = backend.apply(desired, steps[0])  # waits for the out-of-band update, then restores
