@@ -154,10 +154,11 @@ def onboard_team(team: str, source: Optional[DefinitionsSource] = None, dry_run:
 
 @flow(name="decommission-cluster", log_prints=True)
 def decommission_cluster(cluster: str, confirm: str = "", source: Optional[DefinitionsSource] = None,
-                         dry_run: bool = False, actor: str = DEFAULT_ACTOR) -> dict:
+                         dry_run: bool = False, actor: str = DEFAULT_ACTOR, force: bool = False) -> dict:
     """Delete a cluster: only what carries fleetwright's marks. Refused for clusters labelled protected.
 
-    ``confirm`` must repeat the cluster's name.
+    ``confirm`` must repeat the cluster's name. ``force`` skips the in-cluster phase, for a cluster
+    whose Kubernetes API is already dead.
     """
     defs, old = load_definitions(source or default_source())
     gate(defs, old, actor, "decommission", flow="decommission-cluster", cluster=cluster)
@@ -171,5 +172,5 @@ def decommission_cluster(cluster: str, confirm: str = "", source: Optional[Defin
     if dry_run:
         return finish("decommission-cluster", [Outcome(cluster, Status.PLANNED, [{"#": 1, "action": "delete", "object": cluster,
                                                                              "target": "all", "reason": "decommission"}])], dry_run=True)
-    done = decommission(desired)
+    done = decommission(desired, force=force)
     return finish("decommission-cluster", [Outcome(cluster, Status.CONVERGED, done=done)], dry_run=False)

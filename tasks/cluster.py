@@ -228,14 +228,20 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
 
 
 @task(name="decommission", task_run_name="decommission {desired.name}", cache_policy=NO_CACHE, **retry_options())
-def decommission(desired: DesiredCluster) -> list[dict]:
-    """Delete everything of the cluster that carries our marks: in-cluster objects, then infrastructure."""
+def decommission(desired: DesiredCluster, force: bool = False) -> list[dict]:
+    """Delete everything of the cluster that carries our marks: in-cluster objects, then infrastructure.
+
+    ``force`` skips the in-cluster phase (its API is already dead): the infrastructure backend then
+    also deletes what controllers made for the cluster (load balancers, network interfaces, ...).
+    """
     conns = connections()
     infra = registry.infrastructure(desired, conns)
     done = []
     with cluster_lock(desired.name):
         observed = infra.observe(desired)
-        if observed.exists:
+        if observed.exists and force:
+            done.append({"step": "in-cluster", "changed": False, "detail": "skipped (force): the API is not used"})
+        elif observed.exists:
             r = registry.in_cluster(infra.kube_access(desired)).delete(desired)
             done.append({"step": "in-cluster", "changed": r.changed, "detail": r.detail})
         r = infra.delete(desired)

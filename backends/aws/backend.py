@@ -7,6 +7,7 @@ from models.plan import Step
 
 from ..base import StepResult
 from .addons import AddonService
+from .cleanup import CleanupService
 from .clients import Clients
 from .common import CLUSTER_POLICIES, NODE_POLICIES, TRANSITIONAL
 from .eks import EksService
@@ -15,7 +16,7 @@ from .network import NetworkService
 from .nodegroups import NodegroupService
 
 
-class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupService, AddonService):
+class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupService, AddonService, CleanupService):
     """``InfrastructureBackend`` for AWS EKS (see backends/CONTRACT.md)."""
 
     kind = "aws"
@@ -117,6 +118,12 @@ class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupServi
             self._wait(f"EKS cluster {desired.name} gone",
                        lambda: self._call("eks", region, "describe_cluster", missing_ok=True, name=desired.name) is None)
             done.append(f"EKS cluster {desired.name}")
+        try:
+            vpc = self._find_vpc(desired)
+        except OwnershipConflict:
+            vpc = None  # reported by _delete_network
+        if vpc is not None:  # what controllers made in the VPC (load balancers, ENIs, security groups)
+            self._delete_controller_leftovers(desired, vpc["VpcId"], done)
         self._delete_roles(desired, done, skipped)
         self._delete_network(desired, done, skipped)
         detail = ("deleted " + ", ".join(done)) if done else "nothing of ours was left"

@@ -27,7 +27,8 @@ _PERMANENT = {"ResourceLimitExceeded", "ResourceLimitExceededException", "Access
               "MalformedPolicyDocument", "UnsupportedOperation", "VpcLimitExceeded", "SubnetLimitExceeded",
               "NoSuchEntity", "InvalidRequestException", "NotFoundException"}
 _NOT_FOUND = {"ResourceNotFoundException", "NoSuchEntity", "NotFoundException", "InvalidVpcID.NotFound",
-              "InvalidSubnetID.NotFound", "InvalidVpcId.NotFound", "InvalidSubnetId.NotFound"}
+              "InvalidSubnetID.NotFound", "InvalidVpcId.NotFound", "InvalidSubnetId.NotFound",
+              "AccessPointNotFound"}  # classic ELB
 _GONE = object()
 
 
@@ -61,7 +62,7 @@ def map_error(exc: BaseException, *, operation: str = "", missing_ok: bool = Fal
         code, status = _code(exc)
         msg = (exc.response.get("Error", {}) or {}).get("Message") or ""
         text = f"{what} failed: {code or status}: {msg}".rstrip(": ")
-        if missing_ok and (code in _NOT_FOUND or code.endswith(".NotFound") or code.endswith("NotFoundException")):
+        if missing_ok and (code in _NOT_FOUND or code.endswith("NotFound") or code.endswith("NotFoundException")):
             return None
         service = operation.partition(":")[0].lower() if ":" in operation else ""
         if code in _QUOTA and (service in _QUOTA_SERVICES or not service):

@@ -134,7 +134,7 @@ def leftovers(env: dict[str, Any]) -> dict[str, list[str]]:
         "route_tables": [t["RouteTableId"] for t in ec2.describe_route_tables()["RouteTables"] if t["VpcId"] not in default],
         "eips": [a.get("AllocationId") or a["PublicIp"] for a in ec2.describe_addresses()["Addresses"]],
         "security_groups": [g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]
-                            if g["VpcId"] not in default],
+                            if g["VpcId"] not in default and g["GroupName"] != "default"],  # default: goes with its VPC
         "enis": [n["NetworkInterfaceId"] for n in ec2.describe_network_interfaces()["NetworkInterfaces"]],
         "load_balancers": [lb["LoadBalancerArn"] for lb in boto(env, "elbv2").describe_load_balancers()["LoadBalancers"]]
         + [lb["LoadBalancerName"] for lb in boto(env, "elb").describe_load_balancers()["LoadBalancerDescriptions"]],
@@ -413,6 +413,65 @@ def test_delete_leaves_nothing(env, backend, desired):
     assert not again.changed
     obs = backend.observe(desired)
     assert not obs.exists and not obs.infrastructure
+
+
+def test_delete_removes_what_controllers_left_in_the_vpc(env, backend, desired):
+    """Load balancers (elbv2 + classic), their target group, an ENI and security groups that controllers made
+    for the cluster (its API dead: nothing deleted them in-cluster) are deleted first; then the network goes,
+    with no DependencyViolation loop, and nothing is left in the account."""
+    converge(backend, desired)
+    ec2, elbv2, elb = boto(env, "ec2"), boto(env, "elbv2"), boto(env, "elb")
+    vpc = inventory(env)["vpcs"][0]
+    subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]
+    public = [x["SubnetId"] for x in subnets if _tags(x["Tags"]).get("kubernetes.io/role/elb") == "1"]
+    private = [x["SubnetId"] for x in subnets if _tags(x["Tags"]).get("kubernetes.io/role/internal-elb") == "1"]
+    lbc = [{"Key": "elbv2.k8s.aws/cluster", "Value": NAME}, {"Key": "ingress.k8s.aws/stack", "Value": "web/shop"}]
+    k8s = [{"Key": f"kubernetes.io/cluster/{NAME}", "Value": "owned"}]
+    sg_lb = ec2.create_security_group(GroupName="k8s-web-shop", Description="lb", VpcId=vpc, TagSpecifications=[
+        {"ResourceType": "security-group", "Tags": lbc}])["GroupId"]
+    sg_nodes = ec2.create_security_group(GroupName="k8s-elb-a1b2", Description="svc", VpcId=vpc, TagSpecifications=[
+        {"ResourceType": "security-group", "Tags": k8s}])["GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=sg_nodes, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80, "UserIdGroupPairs": [{"GroupId": sg_lb}]}])
+    ec2.authorize_security_group_ingress(GroupId=sg_lb, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "UserIdGroupPairs": [{"GroupId": sg_nodes}]}])
+    alb = elbv2.create_load_balancer(Name="k8s-web-shop-1234", Subnets=public, SecurityGroups=[sg_lb], Tags=lbc,
+                                     Scheme="internet-facing", Type="application")["LoadBalancers"][0]["LoadBalancerArn"]
+    tg = elbv2.create_target_group(Name="k8s-web-shop-80", Protocol="HTTP", Port=80, VpcId=vpc, TargetType="ip",
+                                   Tags=lbc)["TargetGroups"][0]["TargetGroupArn"]
+    elbv2.create_listener(LoadBalancerArn=alb, Protocol="HTTP", Port=80,
+                          DefaultActions=[{"Type": "forward", "TargetGroupArn": tg}])
+    elb.create_load_balancer(LoadBalancerName="a1b2c3d4", Subnets=public, SecurityGroups=[sg_nodes], Tags=k8s,
+                             Listeners=[{"Protocol": "TCP", "LoadBalancerPort": 80, "InstancePort": 30080}])
+    eni = ec2.create_network_interface(SubnetId=private[0], Groups=[sg_nodes], TagSpecifications=[
+        {"ResourceType": "network-interface", "Tags": [{"Key": "cluster.k8s.amazonaws.com/name", "Value": NAME}]}])
+    # someone else's load balancer in another VPC is left alone
+    other_vpc = ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
+    other_subnet = ec2.create_subnet(VpcId=other_vpc, CidrBlock="10.77.1.0/24", AvailabilityZone="us-east-1a")
+    elb.create_load_balancer(LoadBalancerName="theirs", Subnets=[other_subnet["Subnet"]["SubnetId"]], Tags=k8s,
+                             Listeners=[{"Protocol": "TCP", "LoadBalancerPort": 80, "InstancePort": 80}])
+    assert len(leftovers(env)["load_balancers"]) == 3
+    assert eni["NetworkInterface"]["NetworkInterfaceId"] in leftovers(env)["enis"]  # beside the NAT gateway's
+
+    r = backend.delete(desired)
+    assert r.changed and not r.outputs["skipped"]
+    for what in ("load balancer k8s-web-shop-1234", "classic load balancer a1b2c3d4", "target group k8s-web-shop-80",
+                 f"network interface {eni['NetworkInterface']['NetworkInterfaceId']}", f"security group {sg_lb}",
+                 f"security group {sg_nodes}"):
+        assert what in r.outputs["deleted"], what
+    assert {k: v for k, v in inventory(env).items() if v} == {}
+    left = leftovers(env)
+    assert left.pop("load_balancers") == ["theirs"]
+    assert left["vpcs"] == [other_vpc] and left["subnets"] == [other_subnet["Subnet"]["SubnetId"]], left
+    theirs = ec2.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [other_vpc]}])["SecurityGroups"]
+    assert set(left.get("security_groups", [])) <= {g["GroupId"] for g in theirs}  # moto's group for "theirs"
+    elb.delete_load_balancer(LoadBalancerName="theirs")
+    for g in theirs:
+        if g["GroupName"] != "default":
+            ec2.delete_security_group(GroupId=g["GroupId"])
+    ec2.delete_subnet(SubnetId=other_subnet["Subnet"]["SubnetId"])
+    ec2.delete_vpc(VpcId=other_vpc)
+    assert leftovers(env) == {}
 
 
 # --------------------------------------------------------------------------- 5: adoption refused

@@ -48,7 +48,9 @@ def test_permanent(code, status):
 
 
 @pytest.mark.parametrize("code", ["ResourceNotFoundException", "NoSuchEntity", "InvalidVpcID.NotFound",
-                                  "InvalidSubnetID.NotFound", "NotFoundException"])
+                                  "InvalidSubnetID.NotFound", "NotFoundException", "LoadBalancerNotFound",
+                                  "TargetGroupNotFound", "AccessPointNotFound", "NatGatewayNotFound",
+                                  "InvalidAllocationID.NotFound"])
 def test_not_found_when_deleting_is_success(code):
     assert map_error(client_error(code, 404), missing_ok=True) is None
     # ...but not when something was expected to be there
