@@ -233,6 +233,72 @@ def demo(keep: bool = typer.Option(False, "--keep", help="Leave the test environ
     raise typer.Exit(run(keep=keep, port=port, record=record))
 
 
+webhook_app = typer.Typer(no_args_is_help=True, help="The Git webhook receiver: a push starts sync-from-git.")
+app.add_typer(webhook_app, name="webhook")
+
+
+@webhook_app.command("serve")
+def webhook_serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8080, "--port"),
+                  config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON receiver settings "
+                                                        "(repositories, branches, providers, limits)"),
+                  config_block: Optional[str] = typer.Option(None, "--config-block",
+                                                             help="Or: a Prefect JSON block holding them"),
+                  workers: int = typer.Option(1, "--workers", help="Processes on this host"),
+                  ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile"),
+                  ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile"),
+                  forwarded_allow_ips: str = typer.Option("127.0.0.1", "--forwarded-allow-ips",
+                                                          help="Proxies whose X-Forwarded-For is trusted"),
+                  log_level: str = typer.Option("info", "--log-level")) -> None:
+    """Receive GitHub, GitLab, Gitea and generic HMAC webhooks; hand each accepted push to Prefect."""
+    import copy
+    import os
+
+    import uvicorn
+    import uvicorn.config
+
+    from fleetwright.webhook.config import load_config
+
+    try:  # check the settings before listening: a bad file stops here, naming file, line and field
+        cfg = load_config(config, config_block)
+    except FleetwrightError as e:
+        _fail(e)
+    if not cfg.repositories:
+        typer.echo("warning: no repository is allow-listed: every delivery will be refused", err=True)
+    if config:
+        os.environ["FLEETWRIGHT_WEBHOOK_CONFIG"] = str(config.resolve())
+    if config_block:
+        os.environ["FLEETWRIGHT_WEBHOOK_CONFIG_BLOCK"] = config_block
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["fleetwright.webhook"] = {"handlers": ["default"], "level": log_level.upper(),
+                                                    "propagate": False}
+    uvicorn.run("fleetwright.webhook.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, proxy_headers=True,
+                forwarded_allow_ips=forwarded_allow_ips, log_level=log_level, log_config=log_config,
+                server_header=False)
+
+
+@webhook_app.command("post-receive")
+def webhook_post_receive(url: str = typer.Option(..., "--url", help="The receiver, e.g. https://hooks.example.com"),
+                         repo_url: str = typer.Option(..., "--repo-url", help="This repository's clone URL"),
+                         secret_env: str = typer.Option("FLEETWRIGHT_WEBHOOK_SECRET", "--secret-env",
+                                                        help="The environment variable holding the secret")) -> None:
+    """A git post-receive hook for a plain Git server: one signed delivery per updated branch (stdin)."""
+    import os
+
+    from fleetwright.webhook.sender import post_receive
+
+    secret = os.environ.get(secret_env, "")
+    if not secret:
+        typer.echo(f"error: ${secret_env} is empty", err=True)
+        raise typer.Exit(2)
+    failed = 0
+    for ref, status in post_receive(url, secret, repo_url, sys.stdin):
+        typer.echo(f"webhook: {ref}: HTTP {status}", err=True)
+        failed += status >= 300 and status != 202
+    raise typer.Exit(1 if failed else 0)
+
+
 def _mount_testenv() -> None:
     try:
         from testenv.cli import app as testenv_app
