@@ -6,9 +6,10 @@
   the same commit from a second hook, or two replicas racing on one delivery all get the first run
   back (the API answers 200 instead of 201) and nothing new starts.
 - **Bursts.** A run is scheduled ``debounce_seconds`` ahead and tagged with its repository + branch.
-  After creating one, the dispatcher cancels every other queued (Scheduled or Pending, not yet
-  Running) run with that tag except the newest by scheduled time, so pushes close together end in
-  one sync at the newest commit, whichever replica received which push.
+  After creating one, the dispatcher moves every other queued (Scheduled, or Pending and waiting for
+  its start time) run with that tag to Cancelling, except the newest by scheduled time, so pushes
+  close together end in one sync at the newest commit, whichever replica received which push.
+  Prefect's own rules make that safe: a Cancelling run may only end Cancelled, never Running.
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ class Dispatcher:
             DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
             FlowRunFilterTags)
         from prefect.client.schemas.objects import StateType
-        from prefect.states import Cancelled
+        from prefect.states import Cancelling
 
         queued = await self.client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
@@ -166,12 +167,20 @@ class Dispatcher:
             msg = (f"superseded by a newer push: flow run {newest.name} at "
                    f"{str(newest.parameters.get('after', ''))[:12]}")
             try:
-                result = await self.client.set_flow_run_state(r.id, Cancelled(message=msg), force=False)
+                # Cancelling, never Cancelled: a Scheduled run without a process becomes Cancelled at once
+                # (and a worker may no longer move it to Pending), a Pending one whose process already
+                # waits for its start time is stopped by its worker (Cancelling may only end Cancelled).
+                # Cancelled set on a Pending run would let its process go on to Running.
+                result = await self.client.set_flow_run_state(r.id, Cancelling(message=msg), force=False)
             except Exception as e:  # noqa: BLE001 - it started or finished meanwhile: leave it
                 log.warning("could not supersede flow run %s: %s", r.id, type(e).__name__)
                 continue
-            if getattr(result, "status", None) is not None and str(result.status.value).upper() == "ACCEPT":
+            state = getattr(result, "state", None)
+            if state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED):
                 cancelled.append(r.id)
                 log.info("superseded flow run %s (%s) by %s", r.name, str(r.parameters.get("after", ""))[:12],
                          newest.name)
+            else:
+                log.info("flow run %s not superseded (%s): it goes ahead, %s follows", r.name,
+                         getattr(getattr(result, "details", None), "reason", "") or "refused", newest.name)
         return cancelled
