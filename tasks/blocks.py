@@ -1,8 +1,9 @@
 """Credentials as Prefect blocks, and the Connections the backends are given.
 
 Blocks: prefect-aws's ``AwsCredentials`` (block name ``fleetwright-aws``),
-``VsphereCredentials`` (``fleetwright-vsphere``) and ``SshKey``
-(``fleetwright-ssh``), all with ``SecretStr`` fields. When a block is missing,
+``VsphereCredentials`` (``fleetwright-vsphere``), ``SshKey``
+(``fleetwright-ssh``) and ``GitCredentialsBlock`` (``fleetwright-git``: the token or SSH
+key for the definitions repository), all with ``SecretStr`` fields. When a block is missing,
 the JSON file named by ``FLEETWRIGHT_CONNECTIONS`` is used, and for AWS the
 standard boto3 credential chain. Credentials are never flow parameters.
 """
@@ -21,6 +22,7 @@ from backends.connections import Connections, SshConnection, VsphereConnection, 
 AWS_BLOCK = "fleetwright-aws"
 VSPHERE_BLOCK = "fleetwright-vsphere"
 SSH_BLOCK = "fleetwright-ssh"
+GIT_BLOCK = "fleetwright-git"
 
 
 class VsphereCredentials(Block):
@@ -41,6 +43,41 @@ class SshKey(Block):
     user: str = "root"
     private_key: SecretStr = Field(description="The private key, PEM/OpenSSH text")
     port: int = 22
+
+
+class GitCredentialsBlock(Block):
+    """How workers authenticate to the definitions repository: an HTTPS token or an SSH key.
+
+    Tokens: GitHub takes any username with a token (use ``x-access-token`` for an app token),
+    GitLab ``oauth2`` or the token's name, Gitea the account name. SSH: the private key, and the
+    host's ``known_hosts`` line (without it, the first key seen is accepted and kept for that one command).
+    """
+
+    _block_type_name = "fleetwright Git credentials"
+    username: str = Field("git", description="The HTTPS username that goes with the token")
+    token: Optional[SecretStr] = Field(None, description="An HTTPS access token (read + write for write-back)")
+    ssh_private_key: Optional[SecretStr] = Field(None, description="An SSH private key (OpenSSH/PEM text)")
+    known_hosts: str = Field("", description="known_hosts line(s) of the Git host, for SSH")
+
+
+def git_credentials(name: str | None = None):
+    """The ``backends.git.GitCredentials`` from the named block (default ``fleetwright-git``), or None.
+
+    Git credentials are only ever read from a block (``FLEETWRIGHT_USE_BLOCKS`` does not apply: there
+    is no file fallback for them); a source without a block is read anonymously (``file://``, public repos,
+    or SSH with the worker's own agent/keys).
+    """
+    from backends.git import GitCredentials
+
+    block = _load_block(GitCredentialsBlock, name or GIT_BLOCK)
+    if block is None:
+        if name:  # asked for by name: a missing block is a configuration error, not an anonymous read
+            from models.errors import PermanentError
+
+            raise PermanentError(f"no Git credentials block {name!r} (save a tasks.blocks.GitCredentialsBlock)")
+        return None
+    return GitCredentials(username=block.username, token=block.token, ssh_private_key=block.ssh_private_key,
+                          known_hosts=block.known_hosts)
 
 
 def _load_block(cls, name: str):

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from models.status import PROBLEMS, Status
 
 from .cluster import Outcome
+from .definitions import revision
 
 DRIFT_EVENT = "fleetwright.cluster.drift"
 FAILED_EVENT = "fleetwright.cluster.failed"
@@ -56,26 +57,30 @@ def emit_cluster_events(flow: str, outcomes: list[Outcome]) -> int:
 
 
 def publish(flow: str, outcomes: list[Outcome], *, dry_run: bool, extra_md: str = "", events: bool = True) -> dict:
-    """One set of artifacts (and events) for a run; returns the summary counts."""
+    """One set of artifacts (and events) for a run; returns the summary counts. Every artifact names the definitions' commit."""
+    rev = revision()
+    at = f" (definitions {rev.sha})" if rev else ""
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[str(o.status)] = counts.get(str(o.status), 0) + 1
     plan_rows = [{"cluster": o.cluster, **r} for o in outcomes for r in o.steps]
     if plan_rows:
         create_table_artifact(key=_key(flow, "plan"), table=plan_rows,
-                              description=f"{flow}: the plan{' (dry run: nothing was changed)' if dry_run else ''}")
+                              description=f"{flow}: the plan{' (dry run: nothing was changed)' if dry_run else ''}{at}")
     done_rows = [{"cluster": o.cluster, **d} for o in outcomes for d in o.done]
     if done_rows:
-        create_table_artifact(key=_key(flow, "done"), table=done_rows, description=f"{flow}: steps carried out")
+        create_table_artifact(key=_key(flow, "done"), table=done_rows, description=f"{flow}: steps carried out{at}")
     status_rows = [{"cluster": o.cluster, "status": str(o.status), "steps": len(o.steps), "done": len(o.done),
                     "drift": len(o.drift), "seconds": round(o.seconds, 1), "reason": o.reason} for o in outcomes]
     lines = [f"# {flow}{' (dry run)' if dry_run else ''}", "",
+             f"Definitions: `{rev.source}` at commit `{rev.sha}`" + (f" (ref `{rev.ref}`)" if rev.ref and rev.ref != rev.sha else "")
+             if rev else "Definitions: unknown", "",
              "| status | clusters |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in sorted(counts.items())]
     lines += _drift_and_failures(outcomes)
     if extra_md:
         lines += ["", extra_md]
-    create_markdown_artifact(key=_key(flow, "summary"), markdown="\n".join(lines), description=f"{flow}: summary")
-    create_table_artifact(key=_key(flow, "clusters"), table=status_rows, description=f"{flow}: cluster by status")
+    create_markdown_artifact(key=_key(flow, "summary"), markdown="\n".join(lines), description=f"{flow}: summary{at}")
+    create_table_artifact(key=_key(flow, "clusters"), table=status_rows, description=f"{flow}: cluster by status{at}")
     if events:
         emit_cluster_events(flow, outcomes)
     return counts
@@ -117,15 +122,18 @@ def merge_summaries(parts: list[dict]) -> dict:
 
 def publish_summary(flow: str, summary: dict, *, dry_run: bool, extra_md: str = "") -> None:
     """The fleet summary of a sharded sweep: all counts, the notable clusters, the shards."""
+    rev = revision()
+    at = f" (definitions {rev.sha})" if rev else ""
     counts = summary["counts"]
     notable = [Outcome(**c) for c in summary["clusters"]]
     lines = [f"# {flow}{' (dry run)' if dry_run else ''}", "", f"{summary['total']} clusters.", "",
+             f"Definitions: `{rev.source}` at commit `{rev.sha}`" if rev else "Definitions: unknown", "",
              "| status | clusters |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in sorted(counts.items())]
     lines += _drift_and_failures(notable)
     if extra_md:
         lines += ["", extra_md]
-    create_markdown_artifact(key=_key(flow, "summary"), markdown="\n".join(lines), description=f"{flow}: summary")
+    create_markdown_artifact(key=_key(flow, "summary"), markdown="\n".join(lines), description=f"{flow}: summary{at}")
     rows = [{"cluster": o.cluster, "status": str(o.status), "steps": len(o.steps), "done": len(o.done),
              "drift": len(o.drift), "seconds": round(o.seconds, 1), "reason": o.reason} for o in notable[:MAX_LISTED]]
     create_table_artifact(key=_key(flow, "clusters"), table=rows or [{"cluster": "-", "status": "in-sync"}],
-                          description=f"{flow}: clusters not in sync (in-sync ones are counted in the summary)")
+                          description=f"{flow}: clusters not in sync (in-sync ones are counted in the summary){at}")

@@ -8,6 +8,7 @@ Parts (each a module with ``up(cfg) -> dict``, ``down(cfg)``, ``status(cfg) -> d
 * ``aws``     -- ``testenv.aws``: moto server
 * ``hosts``   -- ``testenv.hosts``: SSH hosts on loopback aliases
 * ``postgres`` -- ``testenv.postgres``: PostgreSQL for the Prefect server of the production topology
+* ``git``     -- ``testenv.git``: a Git server (git http-backend over HTTP, token auth)
 
 :func:`up` / :func:`down` / :func:`status` orchestrate them; ``fleetwright testenv`` is the CLI.
 """
@@ -23,7 +24,8 @@ from typing import Any, Iterable
 from testenv.common import PARTS, Config, progress, read_pid, stop_process
 
 PART_MODULES = {"kube": "testenv.kube", "vsphere": "testenv.vcsim", "aws": "testenv.aws", "hosts": "testenv.hosts",
-                "postgres": "testenv.postgres"}
+                "postgres": "testenv.postgres",
+                "git": "testenv.git"}
 
 
 class PartUnavailable(RuntimeError):

@@ -30,7 +30,7 @@ def _fail(e: BaseException) -> None:
 def up(
     kube_clusters: int = typer.Option(1, "--kube-clusters", min=0, help="control planes to start (mgmt, workload-1, ...)"),
     hosts: int = typer.Option(2, "--hosts", min=0, help="SSH hosts to start"),
-    only: Optional[str] = typer.Option(None, "--only", help="comma-separated parts: kube,vsphere,aws,hosts,postgres"),
+    only: Optional[str] = typer.Option(None, "--only", help="comma-separated parts: kube,vsphere,aws,hosts,postgres,git"),
     vsphere_method_delay: Optional[str] = typer.Option(
         None, "--vsphere-method-delay", help="vcsim start-up delays, e.g. CloneVM_Task:500,PowerOnVM_Task:200"),
 ) -> None:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
-PARTS = ("kube", "vsphere", "aws", "hosts", "postgres")
+PARTS = ("kube", "vsphere", "aws", "hosts", "postgres", "git")
 _T0 = time.monotonic()
 
 

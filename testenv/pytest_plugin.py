@@ -19,6 +19,9 @@ Fixtures
 ``aws_env``         the aws section; function scoped: moto is reset before each test.
 ``ssh_hosts``       the hosts section from ``testenv.hosts``.
 ``postgres_env``    the postgres section from ``testenv.postgres`` (host, port, user, password, url).
+``git_server``      a :class:`testenv.git.GitServer`: ``url``, ``user``, ``token``, ``create(name, seed)``
+                    -> clone URL of a fresh bare repository, ``commit(name, edits, message, author)``,
+                    ``head(name)``, ``hold_next_push()``, ``save_block()``.
 """
 from __future__ import annotations
 
@@ -225,6 +228,13 @@ def aws_env(_testenv: _Env, _aws_session: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def ssh_hosts(_testenv: _Env) -> dict[str, Any]:
     return dict(_testenv.ensure("hosts"))
+
+
+@pytest.fixture(scope="session")
+def git_server(_testenv: _Env):
+    from testenv.git import GitServer
+
+    return GitServer(_testenv.ensure("git"))
 
 
 def pytest_report_header(config: pytest.Config) -> str:
