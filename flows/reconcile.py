@@ -41,6 +41,7 @@ from models.resolve import Resolver, matches
 from models.status import PROBLEMS, Status
 from tasks.blocks import connections
 from tasks.cluster import Outcome, _observe as observe_once, converge, drift_lines, plan_rows
+from tasks.definitions import pin
 from tasks.locks import api_share, share_of
 from tasks.report import merge_summaries, publish, publish_summary, summarise
 
@@ -295,6 +296,7 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
         return Completed(name="Skipped", message=msg, data={"skipped": msg, "running": str(other.id)})
     src = source or default_source()
     defs, _ = load_definitions(src)
+    src, _ = pin(src)  # the shards read this run's commit, whatever is pushed meanwhile
     names = sorted(n for n, c in defs.clusters.items() if matches(c.metadata.labels, selector))
     key = run_key(None)  # a fresh key every sweep: repairs are never skipped as done
     r = Resolver(defs)
