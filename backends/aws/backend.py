@@ -35,7 +35,11 @@ class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupServi
             in_flight.append(f"EKS cluster {desired.name} {c['status']}")
         pools: dict[str, ObservedNodePool] = {}
         shapes = {p.name: set(p.machine) for p in desired.node_pools}
-        for pool, ng in self._nodegroups(desired).items():
+        for pool, groups in self._pool_nodegroups(desired).items():
+            ng = groups[0]  # the oldest: while a replacement runs, the plan sees the old machine and finishes it
+            if len(groups) > 1:
+                in_flight.append(f"EKS node group replacement of pool {pool}: "
+                                 + ", ".join(f"{g['nodegroupName']} {g.get('status')}" for g in groups))
             sc = ng.get("scalingConfig") or {}
             machine = {"instanceTypes": list(ng.get("instanceTypes") or []), "diskSizeGiB": ng.get("diskSize"),
                        "capacityType": ng.get("capacityType")}

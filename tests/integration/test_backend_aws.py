@@ -598,22 +598,76 @@ def test_autoscaled_pool_keeps_the_autoscalers_size(env, backend, desired):
     assert [s.params["replicas"] for s in steps] == [2]
 
 
-def test_machine_change_replaces_the_node_group(env, backend, desired):
-    """Instance types and disk size of an EKS managed node group are immutable: nodePool.update replaces it."""
+BIGGER = {"instanceTypes": ["m5.xlarge"], "diskSizeGiB": 80, "capacityType": "ON_DEMAND"}
+
+
+def pool_groups(env: dict[str, Any]) -> dict[str, str]:
+    """Node groups of the cluster with their status, read through the API."""
+    eks = boto(env, "eks")
+    return {n: eks.describe_nodegroup(clusterName=NAME, nodegroupName=n)["nodegroup"]["status"]
+            for n in eks.list_nodegroups(clusterName=NAME)["nodegroups"]}
+
+
+def test_machine_change_replaces_the_node_group_create_before_destroy(env, backend, desired):
+    """Instance types and disk size of an EKS managed node group are immutable: nodePool.update creates a new
+    node group, waits until it is ACTIVE, and only then deletes the old one. Watched through the API while it
+    runs: the pool never has zero ACTIVE node groups."""
     converge(backend, desired)
-    bigger = with_pool(desired, "general", machine={"instanceTypes": ["m5.xlarge"], "diskSizeGiB": 80,
-                                                     "capacityType": "ON_DEMAND"},
-                       labels={"tier": "web"}, taints=["dedicated=web:NoSchedule"])
+    bigger = with_pool(desired, "general", machine=BIGGER, labels={"tier": "web"}, taints=["dedicated=web:NoSchedule"])
     steps = infra_steps(bigger, backend.observe(bigger))
     assert [s.action for s in steps] == ["nodePool.update"] and "diskSizeGiB, instanceTypes" in steps[0].reason
-    assert backend.apply(bigger, steps[0]).changed
+    new_name = backend.replacement_name("general", BIGGER)
+    aws_settings(env, create_seconds=2.0)  # the new node group is CREATING for a while
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", backend.apply(bigger, steps[0])))
+    t.start()
+    seen: list[dict[str, str]] = []
+    while t.is_alive():
+        groups = pool_groups(env)
+        seen.append(groups)
+        assert "ACTIVE" in groups.values(), f"no ACTIVE node group during the replacement: {seen}"
+        time.sleep(0.1)
+    t.join()
+    aws_settings(env, create_seconds=0)
+    assert box["r"].changed and box["r"].outputs["nodegroup"] == new_name
+    assert {"general": "ACTIVE", new_name: "CREATING"} in seen  # both existed, the old one serving
+    assert pool_groups(env) == {new_name: "ACTIVE"}
     obs = backend.observe(bigger)
-    assert obs.node_pools["general"].machine == bigger.node_pools[0].machine and infra_steps(bigger, obs) == []
-    ng = boto(env, "eks").describe_nodegroup(clusterName=NAME, nodegroupName="general")["nodegroup"]
-    assert ng["labels"] == {"tier": "web"}
+    assert obs.node_pools["general"].machine == BIGGER and infra_steps(bigger, obs) == [] and not obs.in_flight
+    ng = boto(env, "eks").describe_nodegroup(clusterName=NAME, nodegroupName=new_name)["nodegroup"]
+    assert ng["labels"] == {"tier": "web"} and ng["tags"]["fleetwright.io/node-pool"] == "general"
     assert ng["taints"] == [{"key": "dedicated", "value": "web", "effect": "NO_SCHEDULE"}]
     assert not backend.apply(bigger, steps[0]).changed
-    assert inventory(env)["nodegroups"] == ["general"]
+    # the renamed node group is scaled and deleted as the pool's
+    scaled = with_pool(bigger, "general", replicas=3)
+    steps = infra_steps(scaled, backend.observe(scaled))
+    assert [s.action for s in steps] == ["nodePool.scale"] and backend.apply(scaled, steps[0]).changed
+    assert boto(env, "eks").describe_nodegroup(clusterName=NAME, nodegroupName=new_name)["nodegroup"][
+        "scalingConfig"]["desiredSize"] == 3
+
+
+def test_node_group_replacement_resumes_after_a_crash(env, backend, desired):
+    """The worker dies between creating the new node group and deleting the old (here: DeleteNodegroup is
+    refused). A re-run with a fresh backend finds both by their tags, creates nothing, and deletes the old."""
+    converge(backend, desired)
+    bigger = with_pool(desired, "general", machine=BIGGER)
+    step = infra_steps(bigger, backend.observe(bigger))[0]
+    aws_fault(env, service="eks", action="DeleteNodegroup", status=403, code="AccessDeniedException")
+    with pytest.raises(Exception, match="DeleteNodegroup"):
+        backend.apply(bigger, step)
+    aws_clear_faults(env)
+    new_name = backend.replacement_name("general", BIGGER)
+    assert pool_groups(env) == {"general": "ACTIVE", new_name: "ACTIVE"}
+    obs = make_backend(env).observe(bigger)
+    assert obs.node_pools["general"].machine != BIGGER and any("replacement of pool general" in f for f in obs.in_flight)
+    steps = infra_steps(bigger, obs)
+    assert [s.action for s in steps] == ["nodePool.update"]
+    aws_calls(env, clear=True)
+    r = make_backend(env).apply(bigger, steps[0])
+    assert r.changed and r.outputs["nodegroup"] == new_name
+    assert aws_calls(env).get("eks:CreateNodegroup", 0) == 0 and aws_calls(env).get("eks:DeleteNodegroup") == 1
+    assert pool_groups(env) == {new_name: "ACTIVE"}
+    assert infra_steps(bigger, backend.observe(bigger)) == []
 
 
 # --------------------------------------------------------------------------- 8: kube access
