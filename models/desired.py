@@ -71,6 +71,9 @@ class DesiredWorkspace(_Frozen):
     namespaces: list[str]
     objects: list[dict[str, Any]]
     hash: str
+    role: str = "edit"  # the team's role in its namespaces: view | edit | admin
+    groups: list[str] = []
+    members: list[str] = []
 
 
 class DesiredCluster(_Frozen):

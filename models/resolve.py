@@ -418,7 +418,8 @@ class Resolver:
             if ws is None:
                 objects = render.workspace_objects(team)
                 ws = self._workspace_cache[name] = DesiredWorkspace(
-                    team=name, namespaces=[n.name for n in team.spec.namespaces], objects=objects, hash=canonical_hash(objects))
+                    team=name, namespaces=[n.name for n in team.spec.namespaces], objects=objects, hash=canonical_hash(objects),
+                    role=team.spec.role, groups=list(team.spec.groups), members=list(team.spec.members))
             out.append(ws)
         return out
 

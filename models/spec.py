@@ -223,6 +223,16 @@ class AwsNodePool(Spec):
     capacity_type: Literal["ON_DEMAND", "SPOT"] = "ON_DEMAND"
 
 
+class AwsAccess(Spec):
+    """Who may use an EKS cluster, through EKS access entries."""
+
+    authentication_mode: Literal["API", "API_AND_CONFIG_MAP"] = "API_AND_CONFIG_MAP"
+    # A Team's group or member (as written in the Team) -> the IAM role or user ARN its people sign in as.
+    # Groups and members that are IAM ARNs themselves need no entry here.
+    principals: dict[str, Annotated[str, Field(pattern=r"^arn:aws[-a-z]*:iam::\d{12}:(role|user)/.+$")]] = Field(
+        default_factory=dict)
+
+
 class AwsBackend(Spec):
     type: Literal["aws"]
     region: Annotated[str, Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-\d$")]
@@ -230,6 +240,7 @@ class AwsBackend(Spec):
     vpc: Vpc
     node_pools: dict[Name, AwsNodePool] = Field(default_factory=dict)
     endpoint_public_access: bool = False
+    access: AwsAccess = Field(default_factory=AwsAccess)
     tags: dict[str, str] = Field(default_factory=dict)
 
 

@@ -64,6 +64,8 @@ FAULTS: list[dict[str, Any]] = []
 # clusters / node groups in CREATING: (due, object)
 PENDING: list[tuple[float, Any]] = []
 CALLS: dict[str, int] = {}
+# (account, region, cluster) -> principal ARN -> access entry (with "_policies": policy ARN -> association)
+ACCESS: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
 CONCURRENCY = {"in_flight": 0, "peak": 0}  # API calls being served at once (control endpoint "concurrency")
 
 ADDON_CATALOG = {
@@ -79,6 +81,7 @@ def _reset_tables() -> None:
         UPDATES.clear()
         ADDONS.clear()
         PENDING.clear()
+        ACCESS.clear()
 
 
 # --------------------------------------------------------------------------- cheap resets
@@ -335,9 +338,20 @@ def _install_eks_additions() -> None:
             if c.status != "ACTIVE":
                 raise in_use(f"Cluster {name} is not ACTIVE (status {c.status})",
                              clusterName=name)
-            orig_update_cluster_config(self)
             b = body(self)
             params, type_ = [], "ConfigUpdate"
+            if b.get("accessConfig"):  # moto knows no accessConfig: CONFIG_MAP -> API_AND_CONFIG_MAP -> API only
+                order = ["CONFIG_MAP", "API_AND_CONFIG_MAP", "API"]
+                have = (getattr(c, "access_config", None) or {}).get("authenticationMode", "CONFIG_MAP")
+                want = b["accessConfig"].get("authenticationMode", have)
+                if order.index(want) < order.index(have):
+                    raise invalid_request(f"Unsupported authentication mode update from {have} to {want}",
+                                          clusterName=name)
+                c.access_config = dict(getattr(c, "access_config", None) or {}, authenticationMode=want)
+                type_ = "AccessConfigUpdate"
+                params.append({"type": "AuthenticationMode", "value": json.dumps(want)})
+            else:
+                orig_update_cluster_config(self)
             if b.get("logging"):
                 type_ = "LoggingUpdate"
                 params.append({"type": "ClusterLogging", "value": json.dumps(b["logging"])})
@@ -528,6 +542,9 @@ def _install_eks_additions() -> None:
     def create_cluster(self: Any) -> Any:
         with _LOCK:
             res = orig_create_cluster(self)
+            c = self.eks_backend.clusters[self._get_param("name")]
+            c.access_config = {"authenticationMode": "CONFIG_MAP", "bootstrapClusterCreatorAdminPermissions": True}
+            c.access_config.update(body(self).get("accessConfig") or {})
             if SETTINGS["create_seconds"] > 0:
                 c = self.eks_backend.clusters[self._get_param("name")]
                 c.status = "CREATING"
@@ -594,6 +611,107 @@ def advance() -> None:
                         del addons[name]
                     else:
                         a["status"], a["_due"] = a["_next"], None
+
+
+# --------------------------------------------------------------------------- EKS access entries
+
+
+def _access_entries(environ: dict[str, Any], method: str) -> tuple[int, dict[str, Any]] | None:
+    """CreateAccessEntry, DescribeAccessEntry, ListAccessEntries, DeleteAccessEntry, AssociateAccessPolicy,
+    ListAssociatedAccessPolicies, DisassociateAccessPolicy (moto 5.2.5 has none of them).
+
+    Served here, on the raw request URI, because the principal and policy ARNs in the path are
+    percent-encoded (``/`` as ``%2F``) and a decoded path cannot be split correctly.
+    None: not an access-entry request.
+    """
+    from urllib.parse import unquote
+
+    raw = (environ.get("REQUEST_URI") or environ.get("RAW_URI") or environ.get("PATH_INFO", "")).split("?")[0]
+    parts = raw.strip("/").split("/")
+    if len(parts) < 3 or parts[0] != "clusters" or parts[2] != "access-entries":
+        return None
+    from moto.eks.models import eks_backends
+    from moto.iam.models import get_account_id_from
+
+    auth = environ.get("HTTP_AUTHORIZATION", "")
+    try:
+        scope = auth.split("Credential=", 1)[1].split(",")[0].split()[0].split("/")
+        access_key, region = scope[0], scope[2]
+    except IndexError:
+        return 400, {"__type": "InvalidRequestException", "message": "unsigned request"}
+    account = get_account_id_from(access_key)
+    cluster = unquote(parts[1])
+    if cluster not in eks_backends[account][region].clusters:
+        return 404, {"__type": "ResourceNotFoundException", "message": f"No cluster found for name: {cluster}."}
+    entries = ACCESS.setdefault((account, region, cluster), {})
+    principal = unquote(parts[3]) if len(parts) > 3 else None
+    sub = parts[4] if len(parts) > 4 else None
+    policy = unquote("/".join(parts[5:])) if len(parts) > 5 else None
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    raw_body = environ["wsgi.input"].read(length) if length else b""
+    environ["wsgi.input"] = io.BytesIO(raw_body)
+    try:
+        req = json.loads(raw_body or b"{}")
+    except ValueError:
+        req = {}
+    arn = f"arn:aws:eks:{region}:{account}:access-entry/{cluster}"
+
+    def entry_json(e: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in e.items() if not k.startswith("_")}
+
+    def missing() -> tuple[int, dict[str, Any]]:
+        return 404, {"__type": "ResourceNotFoundException",
+                     "message": f"The specified principalArn could not be found: {principal}"}
+
+    with _LOCK:
+        if principal is None and method == "POST":
+            p = req.get("principalArn") or ""
+            if not p.startswith("arn:"):
+                return 400, {"__type": "InvalidParameterException", "message": f"invalid principalArn {p!r}"}
+            if p in entries:
+                return 409, {"__type": "ResourceInUseException", "message": f"The specified access entry resource is already in use on this cluster: {p}"}
+            now = time.time()
+            entries[p] = {"clusterName": cluster, "principalArn": p, "kubernetesGroups": req.get("kubernetesGroups") or [],
+                          "accessEntryArn": f"{arn}/{uuid.uuid4()}", "createdAt": now, "modifiedAt": now,
+                          "tags": req.get("tags") or {}, "username": req.get("username") or p,
+                          "type": req.get("type") or "STANDARD", "_policies": {}}
+            return 200, {"accessEntry": entry_json(entries[p])}
+        if principal is None and method == "GET":
+            return 200, {"accessEntries": sorted(entries)}
+        e = entries.get(principal)
+        if e is None:
+            return missing()
+        if sub is None:
+            if method == "GET":
+                return 200, {"accessEntry": entry_json(e)}
+            if method == "DELETE":
+                del entries[principal]
+                return 200, {}
+            if method == "POST":  # UpdateAccessEntry
+                if "kubernetesGroups" in req:
+                    e["kubernetesGroups"] = req["kubernetesGroups"]
+                e["modifiedAt"] = time.time()
+                return 200, {"accessEntry": entry_json(e)}
+        if sub == "access-policies":
+            if policy is None and method == "POST":
+                pa = req.get("policyArn") or ""
+                if not pa.startswith("arn:aws:eks::aws:cluster-access-policy/"):
+                    return 400, {"__type": "InvalidParameterException", "message": f"invalid policyArn {pa!r}"}
+                scope_ = req.get("accessScope") or {"type": "cluster"}
+                if scope_.get("type") == "namespace" and not scope_.get("namespaces"):
+                    return 400, {"__type": "InvalidParameterException", "message": "a namespace scope needs namespaces"}
+                now = time.time()
+                a = e["_policies"].setdefault(pa, {"policyArn": pa, "associatedAt": now})
+                a.update(accessScope=scope_, modifiedAt=now)
+                return 200, {"clusterName": cluster, "principalArn": principal, "associatedAccessPolicy": a}
+            if policy is None and method == "GET":
+                return 200, {"clusterName": cluster, "principalArn": principal,
+                             "associatedAccessPolicies": list(e["_policies"].values())}
+            if policy is not None and method == "DELETE":
+                if e["_policies"].pop(policy, None) is None:
+                    return missing()
+                return 200, {}
+    return 404, {"__type": "ResourceNotFoundException", "message": f"no such access-entry call {method} {raw}"}
 
 
 # --------------------------------------------------------------------------- fault injection
@@ -848,6 +966,15 @@ class FrontApp:
             return [data]
         if service == "eks":
             advance()
+            answer = _access_entries(environ, method)
+            if answer is not None:
+                status, payload = answer
+                data = json.dumps(payload, default=str).encode()
+                hdrs = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+                if status >= 400:
+                    hdrs.append(("x-amzn-ErrorType", payload.get("__type", "")))
+                start_response(f"{status} {'OK' if status < 400 else 'ERROR'}", hdrs)
+                return [data]
         return self.moto(environ, start_response)
 
 

@@ -6,6 +6,7 @@ from models.errors import OwnershipConflict, PermanentError
 from models.plan import Step
 
 from ..base import StepResult
+from .access import AccessService
 from .addons import AddonService
 from .cleanup import CleanupService
 from .clients import Clients
@@ -16,7 +17,8 @@ from .network import NetworkService
 from .nodegroups import NodegroupService
 
 
-class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupService, AddonService, CleanupService):
+class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupService, AddonService, CleanupService,
+                 AccessService):
     """``InfrastructureBackend`` for AWS EKS (see backends/CONTRACT.md)."""
 
     kind = "aws"
@@ -30,6 +32,8 @@ class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupServi
         c = self._cluster(desired)
         if c is None:
             return ObservedCluster(name=desired.name, infrastructure=infra, exists=False)
+        if infra and c.get("status") == "ACTIVE" and self._access_drift(desired, c):
+            infra = False  # access entries or the authentication mode differ: infrastructure.ensure sets them
         in_flight: list[str] = []
         if c.get("status") in TRANSITIONAL:
             in_flight.append(f"EKS cluster {desired.name} {c['status']}")
@@ -91,7 +95,11 @@ class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupServi
         subnets, net_changed = self._ensure_network(desired)
         arns, roles_changed = self._ensure_roles(desired)
         changed = net_changed or roles_changed
-        return changed, ("created or completed" if changed else "already in place") + " network (VPC, subnets, gateways, routes) and IAM roles", \
+        c = self._cluster(desired)
+        if c is not None and c.get("status") == "ACTIVE":
+            changed = self._ensure_access(desired, c) or changed
+        return changed, ("created or completed" if changed else "already in place") + \
+            " network (VPC, subnets, gateways, routes), IAM roles and EKS access entries", \
             {"subnetIds": subnets, "roleArns": arns}
 
     # ========================================================================= delete

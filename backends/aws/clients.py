@@ -48,6 +48,7 @@ class Clients:
         self._lock = threading.Lock()
         self._session = None
         self._clients: dict[tuple[str, str], Any] = {}
+        self._cache: dict[Any, Any] = {}  # answers that do not change for this backend's life (caller identity)
 
     # -- SDK ----------------------------------------------------------------------------------
     def _boto_session(self):

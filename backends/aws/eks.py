@@ -92,8 +92,11 @@ class EksService:
                    version=step.params.get("version") or desired.kubernetes_version, roleArn=role["Arn"],
                    resourcesVpcConfig={"subnetIds": subnets, "endpointPublicAccess": public,
                                        "endpointPrivateAccess": True},
+                   accessConfig={"authenticationMode": desired.backend.access.authentication_mode,
+                                 "bootstrapClusterCreatorAdminPermissions": False},  # our own, tagged entry instead
                    tags=self.tags(desired))
         c = self._wait_cluster(desired)
+        self._ensure_access(desired, c)
         return True, f"created EKS cluster {desired.name} {c.get('version')}", {"arn": c.get("arn")}
 
     def _in_progress(self, desired: DesiredCluster, **kw: Any) -> list[dict[str, Any]]:

@@ -325,7 +325,7 @@ def test_scale_upgrade_and_addon_change(env, backend, desired):
     steps = infra_steps(up, backend.observe(up))
     assert [(s.action, s.params["version"]) for s in steps] == [("controlPlane.upgrade", "1.21"),
                                                                ("nodePool.upgrade", "1.21")]
-    aws_settings(env, update_seconds=3.0)  # a window several observations wide
+    aws_settings(env, update_seconds=6.0)  # a window several observations wide, on a loaded machine too
     box: dict[str, Any] = {}
     t = threading.Thread(target=lambda: box.setdefault("r", backend.apply(up, steps[0])))
     watcher = make_backend(env)
@@ -472,6 +472,59 @@ def test_delete_removes_what_controllers_left_in_the_vpc(env, backend, desired):
     ec2.delete_subnet(SubnetId=other_subnet["Subnet"]["SubnetId"])
     ec2.delete_vpc(VpcId=other_vpc)
     assert leftovers(env) == {}
+
+
+def _with_access(d: DesiredCluster, **update: Any) -> DesiredCluster:
+    backend = d.backend.model_copy(update={"access": d.backend.access.model_copy(update=update)})
+    return d.model_copy(update={"backend": backend})
+
+
+def access_entries(env: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    eks = boto(env, "eks")
+    out = {}
+    for p in eks.list_access_entries(clusterName=NAME)["accessEntries"]:
+        e = eks.describe_access_entry(clusterName=NAME, principalArn=p)["accessEntry"]
+        pols = eks.list_associated_access_policies(clusterName=NAME, principalArn=p)["associatedAccessPolicies"]
+        out[p] = {"groups": e["kubernetesGroups"], "ours": ours(e["tags"]),
+                  "policies": {a["policyArn"].rsplit("/", 1)[1]: a["accessScope"] for a in pols}}
+    return out
+
+
+def test_access_entries(env, backend, desired):
+    """Clusters use EKS access entries: fleetwright's own principal is cluster admin; each Team granted the
+    cluster gets its groups' (and members') principals with the Team's role, scoped to its namespaces."""
+    converge(backend, desired)
+    eks = boto(env, "eks")
+    me = "arn:aws:iam::123456789012:user/moto"  # who the test credentials are, as STS says
+    c = eks.describe_cluster(name=NAME)["cluster"]
+    assert c["accessConfig"]["authenticationMode"] == "API_AND_CONFIG_MAP"
+    assert c["accessConfig"]["bootstrapClusterCreatorAdminPermissions"] is False
+    assert access_entries(env) == {me: {"groups": [], "ours": True,
+                                        "policies": {"AmazonEKSClusterAdminPolicy": {"type": "cluster"}}}}
+    # the Team's group and member map to IAM principals; API only
+    role, bob = "arn:aws:iam::123456789012:role/payments-devs", "arn:aws:iam::123456789012:user/bob"
+    d = _with_access(desired, authentication_mode="API", principals={"payments-devs": role, "bob": bob})
+    steps = infra_steps(d, backend.observe(d))
+    assert [s.action for s in steps] == ["infrastructure.ensure"]
+    assert backend.apply(d, steps[0]).changed
+    ns = {"type": "namespace", "namespaces": ["payments", "payments-batch"]}
+    assert access_entries(env) == {
+        me: {"groups": [], "ours": True, "policies": {"AmazonEKSClusterAdminPolicy": {"type": "cluster"}}},
+        role: {"groups": ["payments-devs"], "ours": True, "policies": {"AmazonEKSEditPolicy": ns}},
+        bob: {"groups": [], "ours": True, "policies": {"AmazonEKSEditPolicy": ns}}}
+    assert eks.describe_cluster(name=NAME)["cluster"]["accessConfig"]["authenticationMode"] == "API"
+    assert infra_steps(d, backend.observe(d)) == [] and not backend.apply(d, steps[0]).changed
+    # the team's role changes to view; bob is no longer mapped: his entry goes
+    viewers = d.model_copy(update={"workspaces": [w.model_copy(update={"role": "view"}) for w in d.workspaces]})
+    viewers = _with_access(viewers, principals={"payments-devs": role})
+    steps = infra_steps(viewers, backend.observe(viewers))
+    assert [s.action for s in steps] == ["infrastructure.ensure"] and backend.apply(viewers, steps[0]).changed
+    assert access_entries(env)[role]["policies"] == {"AmazonEKSViewPolicy": ns} and bob not in access_entries(env)
+    # someone else's entry for a principal we want is refused, never changed
+    eks.create_access_entry(clusterName=NAME, principalArn=bob, kubernetesGroups=["ops"])
+    with pytest.raises(OwnershipConflict, match="access entry"):
+        backend.apply(d, steps[0])
+    assert access_entries(env)[bob] == {"groups": ["ops"], "ours": False, "policies": {}}
 
 
 # --------------------------------------------------------------------------- 5: adoption refused
