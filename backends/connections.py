@@ -56,6 +56,8 @@ class SshConnection(_Cfg):
 
 class Connections(_Cfg):
     aws: AwsConnection = AwsConnection()
+    # Named AWS credentials a Cluster can choose with ``backend.credentials`` (other accounts).
+    aws_credentials: dict[str, AwsConnection] = {}
     vsphere: VsphereConnection | None = None
     ssh: SshConnection | None = None
     kube_binaries: dict[str, str] = {}  # kube-apiserver, kube-controller-manager, etcd paths on the hosts

@@ -233,10 +233,20 @@ class AwsAccess(Spec):
         default_factory=dict)
 
 
+class AwsAssumeRole(Spec):
+    """A role fleetwright assumes (STS AssumeRole) to manage a cluster in another account."""
+
+    role_arn: Annotated[str, Field(pattern=r"^arn:aws[-a-z]*:iam::\d{12}:role/.+$")]
+    external_id: str | None = None
+
+
 class AwsBackend(Spec):
     type: Literal["aws"]
     region: Annotated[str, Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-\d$")]
     account: Annotated[str, Field(pattern=r"^\d{12}$")] | None = None
+    # Whose credentials: a named set of the connections (``aws_credentials``), and/or a role to assume.
+    credentials: Name | None = None
+    assume_role: AwsAssumeRole | None = None
     vpc: Vpc
     node_pools: dict[Name, AwsNodePool] = Field(default_factory=dict)
     endpoint_public_access: bool = False

@@ -172,7 +172,8 @@ class EksService:
         """An ``aws eks get-token`` style bearer token for the cluster. A secret: never log it."""
         region = self._region(desired)
         try:
-            return make_eks_token(self._boto_session()._session, desired.name, region, self.aws.endpoint_url)
+            return make_eks_token(self._boto_session(region)._session, desired.name, str(region),
+                                  self._connection(region.credentials).endpoint_url)
         except FleetwrightError:
             raise
         except Exception as e:  # noqa: BLE001

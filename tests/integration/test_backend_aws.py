@@ -19,7 +19,8 @@ from backends.base import CLUSTER_KEY, OWNER_KEY, OWNER_VALUE
 from backends.connections import AwsConnection, Connections, KubeEndpoint
 from backends.definitions import load_path
 from models.desired import DesiredCluster, ObservedCluster
-from models.errors import OwnershipConflict, TransientError
+from models.errors import OwnershipConflict, PermanentError, TransientError
+from models.spec import AwsAssumeRole
 from models.plan import plan
 from models.resolve import resolve
 from testenv.faults import aws_calls, aws_clear_faults, aws_fault, aws_faults, aws_settings
@@ -525,6 +526,43 @@ def test_access_entries(env, backend, desired):
     with pytest.raises(OwnershipConflict, match="access entry"):
         backend.apply(d, steps[0])
     assert access_entries(env)[bob] == {"groups": ["ops"], "ours": False, "policies": {}}
+
+
+def test_several_accounts_by_assumed_role_and_named_credentials(env, desired):
+    """A cluster whose backend names a role to assume lives in that role's account; a cluster naming a
+    credentials set uses those credentials. Clients are shared per (identity, region, service)."""
+    other = "111111111111"
+    role = f"arn:aws:iam::{other}:role/fleetwright"
+    d = desired.model_copy(update={"backend": desired.backend.model_copy(update={
+        "assume_role": AwsAssumeRole(role_arn=role)})})
+    b = make_backend(env)
+    for s in infra_steps(d, b.observe(d))[:2]:  # network + roles, then the EKS cluster (with access entries)
+        b.apply(d, s)
+    mine = inventory(env)  # the test credentials' own account (123456789012)
+    assert mine["vpcs"] == [] and mine["roles"] == [] and mine["clusters"] == []
+    sts = boto(env, "sts")
+    c = sts.assume_role(RoleArn=role, RoleSessionName="check")["Credentials"]
+    kw = dict(endpoint_url=env["endpoint_url"], region_name=REGION, aws_access_key_id=c["AccessKeyId"],
+              aws_secret_access_key=c["SecretAccessKey"], aws_session_token=c["SessionToken"])
+    assert boto3.client("sts", **kw).get_caller_identity()["Account"] == other
+    theirs = boto3.client("ec2", **kw).describe_vpcs(Filters=[{"Name": f"tag:{CLUSTER_KEY}", "Values": [NAME]}])["Vpcs"]
+    assert len(theirs) == 1
+    eks = boto3.client("eks", **kw)
+    assert eks.describe_cluster(name=NAME)["cluster"]["arn"].split(":")[4] == other
+    assert eks.list_access_entries(clusterName=NAME)["accessEntries"] == [role]  # the assumed role is admin
+    assert b.observe(d).exists and make_backend(env).observe(d).infrastructure
+    # shared clients: another backend instance (another task) gets the same client for the same identity
+    t = b._region(d)
+    assert make_backend(env).client("eks", t) is b.client("eks", t)
+    assert make_backend(env).client("eks", b._region(desired)) is not b.client("eks", t)
+    # named credentials: a set the connections know; an unknown name is a clear permanent error
+    named = desired.model_copy(update={"backend": desired.backend.model_copy(update={"credentials": "lab"})})
+    with pytest.raises(PermanentError, match="no AWS credentials named 'lab'"):
+        make_backend(env).observe(named)
+    conn = Connections(aws=AwsConnection(endpoint_url=env["endpoint_url"], access_key_id="wrong", secret_access_key="x"),
+                       aws_credentials={"lab": AwsConnection(endpoint_url=env["endpoint_url"], access_key_id="testing",
+                                                             secret_access_key="testing", wait_seconds=0.1)})
+    assert not AwsBackend(conn).observe(named).exists  # the lab account (the test account) has no such cluster
 
 
 # --------------------------------------------------------------------------- 5: adoption refused
