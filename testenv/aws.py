@@ -116,7 +116,7 @@ def up(cfg: Config | None = None) -> dict[str, Any]:
             return health(sec["endpoint_url"], timeout=1).get("pid") == pid
 
         try:
-            wait_for(ready, 30, f"aws server on port {port}", interval=0.1)
+            wait_for(ready, 180, f"aws server on port {port}", interval=0.1)  # a loaded machine takes its time
         except Exception:
             stop_process(NAME, cfg)
             raise
