@@ -257,6 +257,10 @@ class RemoteRepo:
         """YAML files at commit ``sha`` (read from the cache clone)."""
         return read_git(self.path, sha, subdir)
 
+    def author_email(self, sha: str) -> str:
+        """The author email of a commit (unverified: anyone may write any name into a commit)."""
+        return self._git("show", "-s", "--format=%ae", sha).decode().strip()
+
     def is_ancestor(self, a: str, b: str) -> bool:
         return _run(["--git-dir", str(self.path), "merge-base", "--is-ancestor", a, b]).returncode == 0
 

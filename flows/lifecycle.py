@@ -19,7 +19,8 @@ from models.spec import ModelComponent
 from models.status import Status
 from models.waves import WavePolicy
 from tasks.cluster import Outcome, converge, decommission
-from tasks.definitions import record_component_set
+from tasks.definitions import WriteBack, component_set_doc, write_back as write_back_task
+from tasks.guard import record_imperative
 from tasks.report import publish
 
 from .common import (DEFAULT_ACTOR, DefinitionsSource, default_source, finish, gate, load_definitions, run_key,
@@ -71,13 +72,18 @@ def upgrade_cluster(cluster: str, to_version: str = Field(..., pattern=r"^1\.[0-
 def add_component(component: str, selector: dict[str, str], values: dict = {},  # noqa: B006 (a form default)
                   source: Optional[DefinitionsSource] = None, waves: WavePolicy = WavePolicy(),
                   dry_run: bool = False, actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None,
-                  record_in_git: bool = True) -> dict:
+                  write_back: WriteBack = "push", record_in_git: bool = True) -> dict:
     """Add a component to every cluster the label selector picks, translated per backend, in waves.
 
-    The change is recorded as a ComponentSet document in the definitions (a commit when they are a git
-    repository), so the fleet sweep keeps it instead of pruning it.
+    The change goes to the definitions FIRST, as a ComponentSet document, then rolls out from there:
+    ``write_back=push`` commits and pushes it (rebased and retried when the branch moved) and rolls out
+    from the pushed commit; ``branch`` pushes a review branch and stops (the branch is in the artifact);
+    ``off`` (directory sources only) records nothing in the definitions, and records the clusters it
+    changed so the sweep never prunes the component (see ``tasks.guard``). ``record_in_git=False`` is
+    the old spelling of ``off``.
     """
     log = get_run_logger()
+    mode: str = write_back if record_in_git else "off"
     src = source or default_source()
     defs, old = load_definitions(src)
     if component not in defs.components:
@@ -86,32 +92,75 @@ def add_component(component: str, selector: dict[str, str], values: dict = {},  
     names = sorted(n for n, c in defs.clusters.items() if matches(c.metadata.labels, selector))
     for n in names:  # a team member may add only to clusters their team owns
         gate(defs, old, actor, "add_component", flow="add-component", cluster=n, component=component)
-    r = Resolver(defs)
+    sel = "-".join(f"{k}-{v}" for k, v in sorted(selector.items())).replace("/", "-").replace(".", "-")
+    set_name = f"{component}-{sel}"[:63].strip("-")
     extra = (ModelComponent(name=component, values=values),)
-    desired = {n: r.resolve(n, extra) for n in names}
+    wb_md, wb = "", None
+    if dry_run or mode == "off":
+        if mode == "off" and src.repo:
+            raise PermanentError("write_back='off' is allowed only for a directory source: with Git as the source of "
+                                 "truth the change must be recorded there ('push' or 'branch')")
+        r = Resolver(defs)
+        desired = {n: r.resolve(n, extra) for n in names}
+    else:
+        rel, text = component_set_doc(set_name, component, selector, values, actor)
+        wb = write_back_task(src, {rel: text}, mode=mode, message=f"add {component} to {selector} (add-component)",
+                             actor=actor, review_name=f"add-{set_name}")
+        wb_md = _write_back_md(wb, rel)
+        log.info("write-back %s: ComponentSet %s%s", mode, set_name, f" in commit {wb.sha} on {wb.branch}" if wb.sha else "")
+        if mode == "branch":  # a review branch: stop here, the rollout follows the merge (sync-from-git)
+            publish("add-component", [Outcome(n, Status.PLANNED, reason=f"waits for review of branch {wb.branch}")
+                                      for n in names], dry_run=True, extra_md=wb_md)
+            return {"write_back": wb.to_dict(), "clusters": names}
+        defs, _ = load_definitions(wb.source)  # roll out from the commit just pushed, nothing else
+        r = Resolver(defs)
+        desired = {n: r.resolve(n) for n in names}
+        missing = [n for n, d in desired.items() if d.component(component) is None]
+        if missing:
+            raise PermanentError(f"the recorded ComponentSet {set_name} does not select {', '.join(missing)}")
     wanted = {component} | {d for dc in desired.values() for c in dc.components if c.name == component for d in c.depends_on}
 
     def only_component(s: Step) -> bool:
         return s.action in ("component.install", "component.upgrade", "component.configure") and s.object in wanted
 
     key = run_key(idempotency_key)
+    if mode == "off" and not dry_run:  # nothing in the definitions: tell the sweep not to prune it (tasks.guard)
+        for n in names:
+            record_imperative(n, component, key, actor)
     outcomes, record = run_waves("add-component", desired, waves, dry_run=dry_run, idempotency_key=key,
                                  step_filter=only_component, versions_matter=False)
-    if not dry_run and record_in_git and not record["halted"]:
-        sel = "-".join(f"{k}-{v}" for k, v in sorted(selector.items())).replace("/", "-").replace(".", "-")
-        name = f"{component}-{sel}"[:63].strip("-")
-        sha = record_component_set(src, name, component, selector, values, actor)
-        log.info("recorded as ComponentSet %s%s", name, f" in commit {sha}" if sha else "")
-    return finish("add-component", outcomes, dry_run=dry_run, extra_md=waves_markdown(record)) | {"waves": record}
+    out = finish("add-component", outcomes, dry_run=dry_run, extra_md="\n\n".join(x for x in (waves_markdown(record), wb_md) if x))
+    return out | {"waves": record, "write_back": wb.to_dict() if wb else {"mode": "dry-run" if dry_run else mode}}
+
+
+def _write_back_md(wb, rel: str) -> str:
+    lines = ["## Write-back", "", f"- mode: **{wb.mode}**, file `{rel}`"]
+    if wb.sha:
+        lines.append(f"- commit `{wb.sha}` on branch `{wb.branch}`" + (" (already there: nothing pushed)" if wb.unchanged else "")
+                     + (f", after {wb.attempts} attempts (rebased onto {', '.join(x[:12] for x in wb.rebased_onto)})"
+                        if wb.rebased_onto else ""))
+    if wb.mode == "branch":
+        lines.append(f"- review branch **{wb.branch}**: merge it and sync-from-git rolls it out")
+    return "\n".join(lines)
 
 
 @flow(name="rollout-fleet", log_prints=True)
 def rollout_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSource] = None,  # noqa: B006
                   waves: WavePolicy = WavePolicy(), to_version: Optional[str] = None, dry_run: bool = False,
-                  actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None) -> dict:
-    """Converge the selected clusters to the definitions in waves (a model version bump), or upgrade them."""
+                  actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None,
+                  clusters: Optional[list[str]] = None) -> dict:
+    """Converge the selected clusters to the definitions in waves (a model version bump), or upgrade them.
+
+    ``clusters`` names exactly the clusters to roll out (as ``sync-from-git`` does); with a ``selector``
+    too, a cluster must match both.
+    """
     defs, old = load_definitions(source or default_source())
     names = sorted(n for n, c in defs.clusters.items() if matches(c.metadata.labels, selector))
+    if clusters is not None:
+        unknown = sorted(set(clusters) - set(defs.clusters))
+        if unknown:
+            raise PermanentError(f"no Cluster {', '.join(unknown)} in the definitions")
+        names = [n for n in names if n in set(clusters)]
     for n in names:
         gate(defs, old, actor, "upgrade" if to_version else "reconcile", flow="rollout-fleet", cluster=n)
     r = Resolver(defs)

@@ -42,6 +42,7 @@ from models.status import PROBLEMS, Status
 from tasks.blocks import connections
 from tasks.cluster import Outcome, _observe as observe_once, converge, drift_lines, plan_rows
 from tasks.definitions import pin
+from tasks.guard import RemovalGuard, current as removal_guard, install as install_guard
 from tasks.locks import api_share, share_of
 from tasks.report import merge_summaries, publish, publish_summary, summarise
 
@@ -77,6 +78,9 @@ def check_one(desired: DesiredCluster, dry_run: bool, idempotency_key: str,
     if not observed.exists:
         return Outcome(desired.name, Status.ABSENT, reason="no control plane found; run create-cluster", seconds=time.monotonic() - t0)
     p = plan(desired, observed)
+    guard = removal_guard()
+    if guard is not None:  # never prune what a newer commit (a rollout under way) or an imperative add wants
+        p = guard.filter_plan(p)
     if p.refused:
         return Outcome(desired.name, Status.REFUSED, plan_rows(p), reason="; ".join(p.refused), seconds=time.monotonic() - t0)
     if not p.steps:
@@ -85,7 +89,8 @@ def check_one(desired: DesiredCluster, dry_run: bool, idempotency_key: str,
     if desired.drift_mode == "report" or dry_run:
         return Outcome(desired.name, Status.DRIFT, plan_rows(p), drift=drift, reason=f"{len(p.steps)} step(s) to converge",
                        seconds=time.monotonic() - t0)
-    out = converge(desired, dry_run=False, idempotency_key=idempotency_key)
+    out = converge(desired, dry_run=False, idempotency_key=idempotency_key,
+                   step_filter=guard.allows if guard is not None else None)
     out.drift = drift
     if out.status == Status.CONVERGED:
         out.status = Status.CORRECTED
@@ -158,6 +163,7 @@ def reconcile_shard(clusters: list[str], source: Optional[DefinitionsSource] = N
     """One shard of a fleet sweep: the named clusters, under this shard's share of the API limits."""
     t0 = time.monotonic()
     defs, _ = load_definitions(source or default_source())
+    guard = install_guard(str(this_run.get_id() or ""), RemovalGuard(pin(source or default_source())[0], defs))
     r = Resolver(defs)
     gone = [n for n in clusters if n not in defs.clusters]
     desired = [r.resolve(n) for n in clusters if n in defs.clusters]
@@ -167,7 +173,7 @@ def reconcile_shard(clusters: list[str], source: Optional[DefinitionsSource] = N
         outcomes += _sweep(desired, dry_run, key, batch_size, max_workers)
     seconds = time.monotonic() - t0
     publish("reconcile-shard", outcomes, dry_run=dry_run,
-            extra_md=f"Shard {shard}: {len(outcomes)} clusters in {seconds:.1f}s.")
+            extra_md=f"Shard {shard}: {len(outcomes)} clusters in {seconds:.1f}s.\n\n{guard.markdown()}")
     summary = summarise(outcomes, shard=shard, seconds=round(seconds, 1))
     counts = ", ".join(f"{k}={v}" for k, v in sorted(summary["counts"].items()))
     drift = summary["counts"].get(Status.DRIFT.value, 0)
@@ -297,6 +303,7 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
     src = source or default_source()
     defs, _ = load_definitions(src)
     src, _ = pin(src)  # the shards read this run's commit, whatever is pushed meanwhile
+    guard = install_guard(str(this_run.get_id() or ""), RemovalGuard(src, defs))
     names = sorted(n for n, c in defs.clusters.items() if matches(c.metadata.labels, selector))
     key = run_key(None)  # a fresh key every sweep: repairs are never skipped as done
     r = Resolver(defs)
@@ -320,7 +327,7 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
             outcomes = _sweep(desired, dry_run, key, batch_size, max_workers)
         publish("reconcile-fleet", outcomes, dry_run=dry_run,
                 extra_md=f"Swept {len(outcomes)} clusters in {time.monotonic() - t0:.1f}s "
-                         f"({math.ceil(len(outcomes) / batch_size)} batches of up to {batch_size}).")
+                         f"({math.ceil(len(outcomes) / batch_size)} batches of up to {batch_size}).\n\n{guard.markdown()}")
         summary = summarise(outcomes)
     log.info("fleet: %s", ", ".join(f"{k}={v}" for k, v in sorted(summary["counts"].items())))
     return final_state("reconcile-fleet", summary)

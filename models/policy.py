@@ -70,6 +70,21 @@ def actor_from(defs: Definitions, name: str, groups: tuple[str, ...] = ()) -> Ac
     return Actor(name=name, teams=teams, roles=frozenset(roles), platform=platform)
 
 
+def person_for(defs: Definitions | None, git_identity: str) -> str:
+    """The person a Git identity (webhook pusher login, or commit email) is, by ``Policy.spec.gitIdentities``.
+
+    Matching is case-insensitive, as Git hosts treat logins. An identity no Policy lists is
+    ``git:<identity>``: a name no role or team contains, so every change it makes is denied.
+    """
+    want = git_identity.strip().lower()
+    if defs is not None and want:
+        for pol in defs.policies.values():
+            for ident, person in pol.spec.git_identities.items():
+                if ident.lower() == want:
+                    return person
+    return f"git:{git_identity.strip() or 'unknown'}"
+
+
 def _docs(defs: Definitions | None) -> dict[tuple, dict]:
     if defs is None:
         return {}

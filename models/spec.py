@@ -400,10 +400,17 @@ class Role(Spec):
     all_access: bool = False
 
 
+GitIdentity = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,253}$")]
+
+
 class PolicySpec(Spec):
     protected_components: list[Name] = Field(default_factory=list)
     roles: list[Role] = []
     platform_role: Name = "platform"
+    # Who a Git identity is: {git login or commit email: person}. A push reported by a webhook is judged
+    # as that person (their roles and teams by the names in roles[].members and Team members). Only
+    # listed identities count; anyone else is judged as "git:<login>", who may change nothing.
+    git_identities: dict[GitIdentity, Annotated[str, Field(min_length=1, max_length=253)]] = Field(default_factory=dict)
     maintenance: FleetMaintenance | None = None
 
 

@@ -45,6 +45,8 @@ class DefinitionsSource(BaseModel):
     base_ref: Optional[str] = Field(None, description="The ref last applied; the change since it is judged by policy")
     credentials_block: Optional[str] = Field(None, description="Name of the Git credentials block "
                                              "(default: fleetwright-git if it exists); never the secret itself")
+    branch: Optional[str] = Field(None, description="The branch a pinned commit was read from (set when pinning; "
+                                  "write-back pushes to it)")
 
     @property
     def remote(self) -> bool:
@@ -124,7 +126,8 @@ def pin(source: DefinitionsSource) -> tuple[DefinitionsSource, Revision]:
         else:
             return source, _dir_revision(source)
     _remember(rid, key, pinned)
-    return source.model_copy(update={"ref": pinned.sha}), pinned
+    branch = source.branch or (None if re.match(r"^[0-9a-f]{40}$", source.ref) else source.ref)
+    return source.model_copy(update={"ref": pinned.sha, "branch": branch}), pinned
 
 
 def _dir_revision(source: DefinitionsSource, files: Optional[dict[str, str]] = None) -> Revision:
@@ -221,7 +224,7 @@ def write_back(source: DefinitionsSource, files: dict[str, str], *, mode: WriteB
         new = source.model_copy(update={"ref": sha})
         return WriteBackResult("push", new, sha, None)
     repo = remote_repo(source)
-    branch = repo.branch_of(source.ref)
+    branch = repo.branch_of(source.branch or source.ref)
 
     def check(sha: str) -> None:  # the commit must load: never push definitions that do not
         load(repo.read(sha, source.subdir))
@@ -229,7 +232,7 @@ def write_back(source: DefinitionsSource, files: dict[str, str], *, mode: WriteB
     target = _review_branch(review_name, _run_id()) if mode == "branch" else None
     res = repo.write_back(rev.sha, branch, {prefix + k: v for k, v in files.items()}, message=message, author=actor,
                           target=target, attempts=attempts, check=check)
-    new = source.model_copy(update={"ref": res.sha})
+    new = source.model_copy(update={"ref": res.sha, "branch": branch})
     _remember(_run_id(), (_run_id(), source.repo, res.sha, source.subdir), Revision(redact(source.repo), res.sha, res.sha))
     return WriteBackResult(mode, new, res.sha, target or branch, res.attempts, tuple(res.rebased_onto), res.unchanged)
 

@@ -1,0 +1,166 @@
+"""``sync-from-git`` against the test environment's Git server and a real Prefect server.
+
+The lifecycle deployments are registered on the server (on a work pool with no worker), so the
+runs ``sync-from-git`` starts stay Scheduled and the tests read exactly what was started, with
+which parameters.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.errors import PolicyDenied
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "fleet"
+POOL = "fw-sync-test"
+IDENTITIES = "  gitIdentities: {alice-gh: alice, bob-gh: bob}\n"
+
+
+@pytest.fixture(scope="module")
+def deployments(prefect_api):
+    """create-cluster, rollout-fleet, onboard-team and sync-from-git registered on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    entry = {"create-cluster": "flows/lifecycle.py:create_cluster", "rollout-fleet": "flows/lifecycle.py:rollout_fleet",
+             "onboard-team": "flows/lifecycle.py:onboard_team", "sync-from-git": "flows/sync.py:sync_from_git"}
+    ids = {}
+    with get_client(sync_client=True) as c:
+        try:
+            c.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+        except Exception:  # noqa: BLE001 - exists (a re-run on a kept server)
+            pass
+        for name, ep in entry.items():
+            fid = c.create_flow_from_name(name)
+            ids[name] = c.create_deployment(flow_id=fid, name=name, work_pool_name=POOL, entrypoint=ep,
+                                            path=str(ROOT), enforce_parameter_schema=False)
+    return ids
+
+
+@pytest.fixture()
+def fleet_repo(git_server, prefect_api, deployments, tmp_path, monkeypatch, request):
+    seed = tmp_path / "seed"
+    shutil.copytree(EXAMPLES, seed)
+    pol = seed / "policy.yaml"
+    pol.write_text(pol.read_text().replace("  platformRole: platform\n", "  platformRole: platform\n" + IDENTITIES))
+    name = "sync-" + request.node.name.replace("_", "-")[5:40]
+    url = git_server.create(name, seed=seed)
+    git_server.save_block()
+    monkeypatch.setenv("FLEETWRIGHT_DEFINITIONS_REPO", url)
+    monkeypatch.setenv("FLEETWRIGHT_GIT_CACHE", str(tmp_path / "git-cache"))
+    return name, url
+
+
+def runs_of(deployments, name: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as c:
+        return c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployments[name]])))
+
+
+def all_runs(deployments) -> dict[str, int]:
+    return {n: len(runs_of(deployments, n)) for n in ("create-cluster", "rollout-fleet", "onboard-team")}
+
+
+def test_model_version_bump_starts_one_rollout_over_that_models_clusters(git_server, fleet_repo, deployments, tmp_path):
+    from flows.sync import sync_from_git
+
+    name, url = fleet_repo
+    before = git_server.head(name)
+    metal = (EXAMPLES / "clusters" / "metal.yaml").read_text().replace("model: edge-small@1.0.0", "model: edge-small@1.1.0")
+    model = (EXAMPLES / "models" / "edge-small.yaml").read_text().replace("version: 1.0.0", "version: 1.1.0") \
+        .replace("maxSize: 3}", "maxSize: 5}")
+    after = git_server.commit(name, {"models/edge-small.yaml": model, "clusters/metal.yaml": metal},
+                              "edge-small 1.1.0: bigger worker pools", author="alice")
+    counts = all_runs(deployments)
+    out = sync_from_git(repo=url, after=after, before=before, pusher="alice-gh")
+    assert out["verdict"]["allowed"] and out["person"] == "alice"
+    assert out["plan"]["create"] == [] and out["plan"]["onboard"] == []
+    rollouts = runs_of(deployments, "rollout-fleet")
+    assert len(rollouts) == counts["rollout-fleet"] + 1
+    (run,) = [r for r in rollouts if r.idempotency_key == f"{after}:rollout-fleet"]
+    assert sorted(run.parameters["clusters"]) == ["edge-lab-01", "edge-store-01"]  # exactly that model's clusters
+    assert run.parameters["source"]["ref"] == after and run.parameters["source"]["base_ref"] == before
+    assert run.parameters["actor"] == "alice"
+    assert all_runs(deployments)["create-cluster"] == counts["create-cluster"]
+    assert all_runs(deployments)["onboard-team"] == counts["onboard-team"]
+    # the same push delivered again (or by the poll) starts nothing new
+    again = sync_from_git(repo=url, after=after, before=before, pusher="alice-gh")
+    assert [r["run"] for r in again["runs"]] == [r["run"] for r in out["runs"]]
+    assert all_runs(deployments)["rollout-fleet"] == counts["rollout-fleet"] + 1
+
+
+def test_a_new_cluster_starts_one_create_and_a_team_change_onboards(git_server, fleet_repo, deployments):
+    from flows.sync import sync_from_git
+
+    name, url = fleet_repo
+    before = git_server.head(name)
+    metal = (EXAMPLES / "clusters" / "metal.yaml").read_text()
+    lab = next(d for d in metal.split("\n---\n") if "name: edge-lab-01" in d)
+    new = lab.replace("edge-lab-01", "edge-lab-02").replace("127.0.1.", "127.0.3.")
+    teams = (EXAMPLES / "teams" / "teams.yaml").read_text().replace("pods: 200", "pods: 300")
+    after = git_server.commit(name, {"clusters/metal.yaml": metal.rstrip() + "\n---\n" + new,
+                                     "teams/teams.yaml": teams}, "edge-lab-02; more pods for data-science", author="alice")
+    counts = all_runs(deployments)
+    out = sync_from_git(repo=url, after=after, before=before, pusher="alice-gh")
+    assert out["plan"]["create"] == ["edge-lab-02"] and out["plan"]["onboard"] == ["data-science"]
+    assert out["plan"]["rollout"] == [], out["plan"]  # ml-train-dev's only change is data-science's workspace
+    creates = [r for r in runs_of(deployments, "create-cluster") if r.idempotency_key == f"{after}:create-cluster:edge-lab-02"]
+    assert len(creates) == 1 and creates[0].parameters["cluster"] == "edge-lab-02"
+    assert all_runs(deployments)["create-cluster"] == counts["create-cluster"] + 1
+    onboards = [r for r in runs_of(deployments, "onboard-team") if r.idempotency_key == f"{after}:onboard-team:data-science"]
+    assert len(onboards) == 1 and onboards[0].parameters["team"] == "data-science"
+    assert all_runs(deployments)["rollout-fleet"] == counts["rollout-fleet"]
+
+
+def test_a_team_members_push_to_a_protected_component_starts_nothing(git_server, fleet_repo, deployments):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.sync import sync_from_git
+
+    name, url = fleet_repo
+    before = git_server.head(name)
+    after = git_server.commit(name, {"clusters/vsphere.yaml": (
+        "    controlPlaneReplicas: 1\n",
+        "    controlPlaneReplicas: 1\n    components:\n      kube-prometheus: {values: {retention: 1d}}\n")},
+        "shorter retention", author="bob")
+    counts = all_runs(deployments)
+    with pytest.raises(PolicyDenied, match="protected-component"):
+        sync_from_git(repo=url, after=after, before=before, pusher="bob-gh")
+    assert all_runs(deployments) == counts  # nothing started
+    with get_client(sync_client=True) as c:
+        (art,) = [a for a in c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sync-from-git"])))
+                  if after in (a.description or "")]
+    assert "denied by protected-component" in art.description or "protected-component" in art.description
+    assert "**protected-component**: Cluster/dc1-web-dev: components.kube-prometheus.values.retention" in art.data
+    assert "is **bob**" in art.data and "Nothing was started" in art.data
+    # an identity the Policy does not list may change nothing
+    with pytest.raises(PolicyDenied):
+        sync_from_git(repo=url, after=after, before=before, pusher="mallory")
+
+
+def test_a_pull_request_is_a_dry_run(git_server, fleet_repo, deployments):
+    from flows.sync import sync_from_git
+
+    name, url = fleet_repo
+    base = git_server.head(name)
+    head = git_server.commit(name, {"components/load-balancing.yaml": ("mode: l2", "mode: bgp")}, "bgp",
+                             author="alice", branch="main")
+    counts = all_runs(deployments)
+    out = sync_from_git(repo=url, after=head, before=base, pusher="alice-gh", event="pull_request")
+    assert out["dry_run"] and out["runs"] == [] and all_runs(deployments) == counts
+    assert {c["cluster"] for c in out["clusters"]} == {"dc1-web-dev", "dc1-web-prod", "edge-lab-01", "edge-store-01"}
+    assert out["verdict"]["allowed"]
+
+
+def test_unknown_repository_is_refused(fleet_repo):
+    from flows.sync import sync_from_git
+    from models.errors import PermanentError
+
+    with pytest.raises(PermanentError, match="not this worker's definitions repository"):
+        sync_from_git(repo="https://git.example.com/other.git", after="0" * 40)
