@@ -20,13 +20,13 @@ second run raises ``InFlight`` at once (CAPV's in-flight rule); :func:`in_flight
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import shutil
+import shlex
+import signal
 import sys
-import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +35,21 @@ from typing import Any, Callable, Iterator
 from models.desired import DesiredCluster, Machine
 from models.errors import InFlight, OwnershipConflict, PermanentError, TransientError
 
+from . import private
 from .connections import Connections
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
 VENV_BIN = str(Path(sys.executable).parent)
+REAPER = Path(__file__).resolve().parent / "reaper.py"
 DEFAULT_TIMEOUT = 900  # seconds for one playbook run
 SSH_TIMEOUT = os.environ.get("FLEETWRIGHT_ANSIBLE_SSH_TIMEOUT", "4")  # connect timeout: a frozen host is unreachable fast
 OWNERSHIP_MARK = "OWNERSHIP CONFLICT"
 _TRANSIENT_WORDS = ("timed out", "timeout", "connection refused", "connection reset", "status code was -1",
                     "status -1", "temporarily unavailable", "503", "502", "504", "unreachable")
+
+# an unreachable host whose message says this failed authentication or the host key: permanent
+_AUTH_WORDS = ("permission denied", "authentication failed", "host key verification failed",
+               "remote host identification has changed", "no matching host key", "too many authentication failures")
 
 Log = Callable[[str], None]
 
@@ -60,61 +66,55 @@ class AnsibleResult:
     changed_tasks: list[str] = field(default_factory=list)  # "host: task" of every change
 
 
-# --------------------------------------------------------------------------- lock
+# --------------------------------------------------------------------------- in-process guard
 
 
-def _lock_dir() -> Path:
-    d = Path(os.environ.get("FLEETWRIGHT_LOCK_DIR") or Path(tempfile.gettempdir()) / "fleetwright-locks")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _lock_path(cluster: str) -> Path:
-    return _lock_dir() / f"ansible-{cluster}.lock"
+_guard_lock = threading.Lock()
+_guards: dict[str, str] = {}  # cluster -> what runs on it in THIS process
 
 
 @contextlib.contextmanager
-def cluster_lock(cluster: str, what: str = "ansible run") -> Iterator[None]:
-    """Exclusive per-cluster lock; raises ``InFlight`` if another run holds it."""
-    path = _lock_path(cluster)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def guard(cluster: str, what: str = "ansible run") -> Iterator[None]:
+    """One step at a time per cluster inside this process; a second one raises ``InFlight`` at once.
+
+    This is not the lock that keeps two runs apart: that is the cluster's Prefect lease, which
+    ``tasks`` hold around every step and which only a live process can hold (a dead one's lease
+    expires, and its Ansible processes die with it, see ``backends/reaper.py``). The guard catches a
+    second step started in the same worker while one runs (CAPV's in-flight rule) and lets
+    :func:`in_flight` report it. There is no file lock: a file lock can be held by a survivor.
+    """
+    with _guard_lock:
+        if cluster in _guards:
+            raise InFlight(f"an Ansible run on cluster {cluster} is in flight in this worker ({_guards[cluster]})",
+                           delay=5)
+        _guards[cluster] = f"{what} pid={os.getpid()} since {time.strftime('%F %T')}"
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            with contextlib.suppress(OSError):
-                holder = Path(path).read_text().strip()
-            raise InFlight(f"an Ansible run on cluster {cluster} is in flight ({holder or 'another process'})",
-                           delay=5) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{what} pid={os.getpid()} since {time.strftime('%F %T')}\n".encode())
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        os.close(fd)  # releases the flock
+        with _guard_lock:
+            _guards.pop(cluster, None)
 
 
 def in_flight(cluster: str) -> list[str]:
-    """What holds the cluster's lock right now (for ``observe``), without waiting."""
-    path = _lock_path(cluster)
-    if not path.exists():
-        return []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(path).read_text().strip() or "ansible run"
-            return [f"{cluster}: {holder}"]
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return []
-    finally:
-        os.close(fd)
+    """What runs on the cluster in this process right now (for ``observe``)."""
+    with _guard_lock:
+        held = _guards.get(cluster)
+    return [f"{cluster}: {held}"] if held else []
 
 
 # --------------------------------------------------------------------------- inventory
+
+
+def ssh_args(ssh) -> str:
+    """ssh options of every connection: host keys checked unless the connection explicitly says not to."""
+    if ssh.host_key_checking:
+        if "stricthostkeychecking" in ssh.extra_args.lower() or "userknownhostsfile" in ssh.extra_args.lower():
+            raise PermanentError("SSH connection: extra_args must not set StrictHostKeyChecking/UserKnownHostsFile; "
+                                 "give known_hosts (or set host_key_checking: false, for test machines only)")
+        known = f" -o UserKnownHostsFile={ssh.known_hosts_file}" if ssh.known_hosts_file else ""
+        return f"-o StrictHostKeyChecking=yes{known} {ssh.extra_args}".strip()
+    # only when the SshKey block / connection says host_key_checking: false (documented in tasks/blocks.py)
+    return f"-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {ssh.extra_args}".strip()
 
 
 def inventory(hosts: list[Machine], desired: DesiredCluster, connections: Connections) -> dict[str, Any]:
@@ -128,7 +128,7 @@ def inventory(hosts: list[Machine], desired: DesiredCluster, connections: Connec
         "ansible_user": getattr(desired.backend, "ssh_user", None) or ssh.user,
         "ansible_port": ssh.port,
         "ansible_ssh_private_key_file": ssh.private_key_file,
-        "ansible_ssh_common_args": ssh.extra_args,
+        "ansible_ssh_common_args": ssh_args(ssh),
         "ansible_python_interpreter": "/usr/bin/python3",
         "fw_cluster": desired.name,
         "fw_version": desired.kubernetes_version,
@@ -159,7 +159,10 @@ def _raise_for(playbook: str, cluster: str, status: str, rc: int, failures: list
     if status == "timeout":
         raise TransientError(f"{playbook} on cluster {cluster} timed out after {timeout:.0f}s")
     if unreachable:
-        shown = "; ".join(f"{h}: {m}" for h, m in unreachable[:3])
+        shown = "; ".join(f"{h}: {' '.join(m.split())[:300]}" for h, m in unreachable[:3])
+        if any(w in m.lower() for _, m in unreachable for w in _AUTH_WORDS):
+            raise PermanentError(f"{playbook} on cluster {cluster}: SSH authentication or host-key check failed "
+                                 f"(not retried; check the SshKey block's key, user and known_hosts): {shown}")
         raise TransientError(f"{playbook} on cluster {cluster}: unreachable host(s): {shown}", delay=5)
     if failures:
         for host, task, msg in failures:
@@ -191,29 +194,61 @@ def _message(res: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- run
 
 
-def _env(cp_dir: str) -> dict[str, str]:
+def _env(tmp: Path, host_key_checking: bool) -> dict[str, str]:
     return {
         "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
-        "ANSIBLE_HOST_KEY_CHECKING": "False",
-        "ANSIBLE_PIPELINING": "True",
+        "ANSIBLE_HOST_KEY_CHECKING": str(bool(host_key_checking)),
+        "ANSIBLE_PIPELINING": "True",  # module arguments go over stdin, never into a process's argv
         "ANSIBLE_TIMEOUT": str(SSH_TIMEOUT),
         "ANSIBLE_SSH_ARGS": "-C -o ControlMaster=auto -o ControlPersist=30s",
-        "ANSIBLE_SSH_CONTROL_PATH_DIR": cp_dir,
+        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp / "cp"),  # per run: the reaper ends its masters with the run
         "ANSIBLE_ROLES_PATH": str(PLAYBOOKS / "roles"),
         "ANSIBLE_LIBRARY": str(PLAYBOOKS / "library"),
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
-        "ANSIBLE_LOCAL_TEMP": str(Path(cp_dir) / "tmp"),
+        "ANSIBLE_LOCAL_TEMP": str(tmp / "tmp"),
         "ANSIBLE_DEPRECATION_WARNINGS": "False",
         "ANSIBLE_SYSTEM_WARNINGS": "False",
+        # the watchdog (backends/reaper.py): what to watch and what to remove if its parent dies
+        "FW_REAPER_PARENT": str(os.getpid()),
+        "FW_REAPER_RUN_DIR": str(tmp),
+        "FW_REAPER_PROCESS_DIR": str(tmp.parent),
+        "FW_REAPER_EXEC": str(Path(VENV_BIN) / "ansible-playbook"),
     }
 
 
-def _cp_dir() -> str:
-    """A short, private directory for SSH control sockets (108-character socket path limit)."""
-    d = Path(tempfile.gettempdir()) / f"fw-cp-{os.getuid()}"
-    d.mkdir(mode=0o700, exist_ok=True)
-    return str(d)
+def _reaper_shim() -> str:
+    """The executable ansible-runner starts instead of ansible-playbook: the watchdog, same pid (exec)."""
+    text = f"#!/bin/sh\nexec '{sys.executable}' -I '{REAPER}' \"$@\"\n"
+    path = private.write_secret("ansible-playbook", text)
+    path.chmod(0o700)
+    return str(path)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (a run's private directory)."""
+    out, needle = [], text.encode()
+    for p in os.listdir("/proc"):
+        if p.isdigit() and int(p) != os.getpid():
+            try:
+                if needle in Path(f"/proc/{p}/cmdline").read_bytes():
+                    out.append(int(p))
+            except OSError:
+                pass
+    return out
+
+
+def _end_run_processes(tmp: Path) -> None:
+    """After a run, however it ended: stop its watchdog (which kills its tree) and anything naming its dir."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((tmp / "reaper.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and private._start_time(pid) is not None:
+            time.sleep(0.05)
+    for pid in _processes_mentioning(str(tmp)):  # ssh masters of a watchdog killed with SIGKILL (runner timeout)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def run(playbook: str, hosts: list[Machine], desired: DesiredCluster, connections: Connections,
@@ -221,25 +256,25 @@ def run(playbook: str, hosts: list[Machine], desired: DesiredCluster, connection
         lock: bool = True, timeout: float = DEFAULT_TIMEOUT, fetch: bool = False) -> AnsibleResult:
     """Run ``playbooks/<playbook>`` on ``hosts`` (all of them in the inventory; ``limit`` narrows).
 
-    Raises ``InFlight`` if another run on the cluster holds the lock (``lock=True``), and the
-    mapped error of :func:`_raise_for` if the run fails. With ``fetch=True`` the extra variable
-    ``fw_fetch_dir`` names a private directory whose files are returned in
-    ``result.outputs["__fetched__"]`` (name -> text) and then deleted.
+    Raises ``InFlight`` if another step on the cluster runs in this process (``lock=True``, see
+    :func:`guard`), and the mapped error of :func:`_raise_for` if the run fails. With ``fetch=True``
+    the extra variable ``fw_fetch_dir`` names a private directory whose files are returned in
+    ``result.outputs["__fetched__"]`` (name -> text) and then deleted. The run's data lives in a
+    private directory (``backends/private.py``), removed when the run ends; its processes never
+    outlive it (``backends/reaper.py``).
     """
     import ansible_runner
 
     log = log or (lambda line: None)
     if not hosts:
         return AnsibleResult(changed=False, ok=[], failed=[], unreachable=[], stats={})
-    ctx = cluster_lock(desired.name, f"{playbook}") if lock else contextlib.nullcontext()
-    with ctx:
-        tmp = tempfile.mkdtemp(prefix=f"fw-ansible-{desired.name}-")
-        os.chmod(tmp, 0o700)
+    ctx = guard(desired.name, f"{playbook}") if lock else contextlib.nullcontext()
+    with ctx, private.run_dir(f"ansible-{desired.name}"[:40]) as tmp:
         try:
             return _run(ansible_runner, playbook, hosts, desired, connections, dict(extravars or {}), log,
-                        limit, timeout, fetch, Path(tmp))
+                        limit, timeout, fetch, tmp)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _end_run_processes(tmp)
 
 
 def _run(ansible_runner, playbook, hosts, desired, connections, extravars, log, limit, timeout, fetch,
@@ -248,11 +283,15 @@ def _run(ansible_runner, playbook, hosts, desired, connections, extravars, log, 
     (pdd / "inventory").mkdir(parents=True)
     (pdd / "env").mkdir()
     (pdd / "inventory" / "hosts.json").write_text(json.dumps(inventory(hosts, desired, connections)))
-    cp_dir = _cp_dir()
-    (Path(cp_dir) / "tmp").mkdir(exist_ok=True)
+    (tmp / "tmp").mkdir(mode=0o700)
+    (tmp / "cp").mkdir(mode=0o700)
     if fetch:
         (tmp / "fetched").mkdir(mode=0o700)
         extravars["fw_fetch_dir"] = str(tmp / "fetched")
+    # extra variables go in a file (ansible-runner passes a dict on the command line, readable in /proc)
+    fd = os.open(pdd / "env" / "extravars", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(extravars, f)
     outputs: dict[str, dict[str, Any]] = {}
     failures: list[tuple[str, str, str]] = []
     unreachable: list[tuple[str, str]] = []
@@ -289,7 +328,8 @@ def _run(ansible_runner, playbook, hosts, desired, connections, extravars, log, 
     t0 = time.monotonic()
     r = ansible_runner.run(
         private_data_dir=str(pdd), project_dir=str(PLAYBOOKS), playbook=playbook,
-        inventory=str(pdd / "inventory" / "hosts.json"), envvars=_env(cp_dir), extravars=extravars,
+        inventory=str(pdd / "inventory" / "hosts.json"), envvars=_env(tmp, connections.ssh.host_key_checking),
+        binary=_reaper_shim(), cmdline=shlex.quote(str(PLAYBOOKS / playbook)),  # a "binary" gets no playbook
         limit=",".join(limit) if limit else None, event_handler=on_event, quiet=True, timeout=int(timeout),
         settings={"suppress_ansible_output": True}, suppress_env_files=True,
     )

@@ -47,10 +47,16 @@ class VsphereConnection(_Cfg):
 
 
 class SshConnection(_Cfg):
+    """How Ansible reaches hosts. Host keys are checked (``StrictHostKeyChecking=yes``) against
+    ``known_hosts_file`` (or ssh's default files when None); only ``host_key_checking=False`` turns
+    that off, for test machines. ``extra_args`` must not change host-key checking itself."""
+
     user: str = "root"
     private_key_file: str
     port: int = 22
-    extra_args: str = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ServerAliveInterval=2 -o ServerAliveCountMax=2"
+    known_hosts_file: str | None = None
+    host_key_checking: bool = True
+    extra_args: str = "-o ServerAliveInterval=2 -o ServerAliveCountMax=2"
     supervisor: str | None = None  # the test environment's process supervisor on hosts without systemd
 
 

@@ -217,11 +217,11 @@ class MetalBackend(HostsCluster):
         return self.observe_hosts(desired)
 
     def apply(self, desired: DesiredCluster, step: Step) -> StepResult:
-        with ansible.cluster_lock(desired.name, f"{step.action} {step.object}"):
+        with ansible.guard(desired.name, f"{step.action} {step.object}"):
             return self.apply_hosts(desired, step)
 
     def delete(self, desired: DesiredCluster) -> StepResult:
-        with ansible.cluster_lock(desired.name, "delete"):
+        with ansible.guard(desired.name, "delete"):
             r = self.reset_all(desired, self.hosts(desired))
         return StepResult(f"{desired.name}/delete", changed=r.changed,
                           detail="reset every host marked for this cluster" if r.changed else "nothing of ours left")

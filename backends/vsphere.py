@@ -16,8 +16,8 @@ VMs
   ``fleetwright.io/pool=<pool>`` (field definitions made if missing, per managed-object type).
 * VMs are found by name plus attribute before anything is cloned (vcsim accepts duplicate names).
   A VM with a wanted name but without our attributes (outside our folder) raises
-  ``OwnershipConflict``. Clones of one VM never overlap: a per-VM lock file (``InFlight`` when
-  held) and a check of the template's running ``CloneVM_Task``s.
+  ``OwnershipConflict``. Clones of one VM never overlap: the cluster's lease (held by tasks), an
+  in-worker per-VM guard (``InFlight`` when busy) and a check of the template's running ``CloneVM_Task``s.
 * Scaling adds or removes VMs; removal (power off + destroy) only ever touches VMs of ours.
 
 Kubernetes
@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import http.client
 import json
-import os
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -142,33 +141,29 @@ def _moid(obj: Any) -> str | None:
     return getattr(obj, "_moId", None)
 
 
+_vm_guard_lock = threading.Lock()
+_vm_busy: set[str] = set()
+
+
 @contextlib.contextmanager
 def vm_lock(key: str) -> Iterator[None]:
-    """One clone/configure of a VM at a time (file lock, so across processes too)."""
-    path = ansible._lock_dir() / f"vsphere-{key}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """One clone/configure of a VM at a time in this worker (``InFlight`` if busy). Across workers the
+    cluster's Prefect lease, held by tasks around every step, keeps runs apart: no file lock, which a
+    survivor could hold."""
+    with _vm_guard_lock:
+        if key in _vm_busy:
+            raise InFlight(f"an operation on VM {key} is in flight", delay=5)
+        _vm_busy.add(key)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InFlight(f"an operation on VM {key} is in flight", delay=5) from None
         yield
     finally:
-        os.close(fd)
+        with _vm_guard_lock:
+            _vm_busy.discard(key)
 
 
 def _vm_locked(key: str) -> bool:
-    path = ansible._lock_dir() / f"vsphere-{key}.lock"
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    with _vm_guard_lock:
+        return key in _vm_busy
 
 
 # --------------------------------------------------------------------------- backend
@@ -462,7 +457,7 @@ class VsphereBackend(HostsCluster):
         return next((x for x in seen if x != {k: want.get(k) for k in ("cpu", "memoryMiB")}), seen[0])
 
     def apply(self, desired: DesiredCluster, step: Step) -> StepResult:
-        with ansible.cluster_lock(desired.name, f"{step.action} {step.object}"):
+        with ansible.guard(desired.name, f"{step.action} {step.object}"):
             with self._mapped(f"{step.action} {step.object}"):
                 return self._apply(desired, step)
 
@@ -498,7 +493,7 @@ class VsphereBackend(HostsCluster):
         return self.apply_hosts(desired, step)
 
     def delete(self, desired: DesiredCluster) -> StepResult:
-        with ansible.cluster_lock(desired.name, "delete"):
+        with ansible.guard(desired.name, "delete"):
             with self._mapped(f"delete {desired.name}"):
                 inv = self._inventory(desired)
                 running = [vm.machine() for vm in inv.mine.values() if vm.power == "poweredOn"]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from typing import Optional
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from backends import private
 from backends.connections import Connections, SshConnection, VsphereConnection, load_connections
 
 AWS_BLOCK = "fleetwright-aws"
@@ -37,12 +37,21 @@ class VsphereCredentials(Block):
 
 
 class SshKey(Block):
-    """The SSH key and user Ansible uses to reach VMs and bare-metal hosts."""
+    """The SSH key and user Ansible uses to reach VMs and bare-metal hosts, and the host keys it trusts.
+
+    ``known_hosts`` is the text of a known_hosts file. Host keys are always checked against it
+    (``StrictHostKeyChecking=yes``); for VMs cloned with fresh host keys, sign the host keys with an
+    SSH CA and give one ``@cert-authority <address pattern> <CA public key>`` line. Without
+    ``known_hosts`` ssh's own files (``~/.ssh/known_hosts``) are used, still strictly.
+    ``host_key_checking: false`` turns checking off altogether; for throw-away test machines only.
+    """
 
     _block_type_name = "fleetwright SSH key"
     user: str = "root"
     private_key: SecretStr = Field(description="The private key, PEM/OpenSSH text")
     port: int = 22
+    known_hosts: Optional[str] = Field(None, description="known_hosts lines (host keys or @cert-authority lines)")
+    host_key_checking: bool = Field(True, description="Check host keys (turn off for test machines only)")
 
 
 class GitCredentialsBlock(Block):
@@ -114,12 +123,12 @@ def connections() -> Connections:
     if vs is not None:
         update["vsphere"] = VsphereConnection(host=vs.host, port=vs.port, user=vs.user, password=vs.password, insecure=vs.insecure)
     key: Optional[SshKey] = _load_block(SshKey, SSH_BLOCK)
-    if key is not None:
-        fd, path = tempfile.mkstemp(prefix="fleetwright-ssh-")
-        with os.fdopen(fd, "w") as f:
-            f.write(key.private_key.get_secret_value().rstrip() + "\n")
-        os.chmod(path, 0o600)
+    if key is not None:  # one copy per process, in its private directory (removed at exit or by the next start)
+        path = private.write_secret("ssh-key", key.private_key.get_secret_value().rstrip() + "\n")
+        known = private.write_secret("known_hosts", key.known_hosts.rstrip() + "\n") if key.known_hosts else None
         old = base.ssh
-        update["ssh"] = SshConnection(user=key.user, private_key_file=path, port=key.port,
+        update["ssh"] = SshConnection(user=key.user, private_key_file=str(path), port=key.port,
+                                      known_hosts_file=str(known) if known else None,
+                                      host_key_checking=key.host_key_checking,
                                       **({"supervisor": old.supervisor, "extra_args": old.extra_args} if old else {}))
     return base.model_copy(update=update) if update else base

@@ -24,10 +24,9 @@ def connections(env: dict[str, Any], eks_endpoints: dict[str, dict] | None = Non
                           "insecure": bool(vs.get("insecure", True))}
     hosts = env.get("hosts") or {}
     if hosts.get("private_key"):
+        # host keys are checked as in production: the hosts' keys are signed by the test CA it trusts
         out["ssh"] = {"user": hosts.get("user", "root"), "private_key_file": hosts["private_key"],
-                      "supervisor": hosts.get("supervisor")}
-        if hosts.get("ssh_common_args"):
-            out["ssh"]["extra_args"] = hosts["ssh_common_args"]
+                      "known_hosts_file": hosts.get("known_hosts"), "supervisor": hosts.get("supervisor")}
     binaries = (env.get("kube") or {}).get("binaries")
     if binaries:
         out["kube_binaries"] = binaries

@@ -28,6 +28,7 @@ processes; see its docstring.
 Section of the environment document::
 
     {"pool": "127.0.1.0/24", "user": "root", "private_key": "/tmp/.../hosts/ssh/id_ed25519",
+     "known_hosts": "/tmp/.../hosts/ssh/known_hosts",  # trusts the hosts' CA (host keys are signed)
      "supervisor": "/root/.cache/fleetwright/testenv/fw-supervise",
      "ssh_common_args": "-o StrictHostKeyChecking=no ...", "state_dir": "/tmp/fleetwright-testenv",
      "hosts": [{"name": "h1", "address": "127.0.1.11", "port": 22}, ...]}
@@ -128,6 +129,37 @@ def client_key(cfg: Config) -> Path:
         ak.write_text(pub)
         ak.chmod(0o600)
     return key
+
+
+def host_ca(cfg: Config) -> Path:
+    """The test hosts' SSH certificate authority (made once) and the known_hosts file that trusts it.
+
+    Every host's key is signed by this CA for its address, so one ``@cert-authority 127.* <CA key>``
+    line lets fleetwright check host keys strictly, also for hosts started later (a VM's address):
+    the way production trusts freshly cloned VMs. Returns the known_hosts file.
+    """
+    d = _base(cfg) / "ssh"
+    ca = d / "host_ca"
+    if not ca.exists():
+        d.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleetwright-testenv-host-ca",
+                        "-f", str(ca)], check=True)
+    known = d / "known_hosts"
+    line = f"@cert-authority 127.* {(d / 'host_ca.pub').read_text().strip()}\n"
+    if not known.exists() or known.read_text() != line:
+        known.write_text(line)
+    return known
+
+
+def _sign_host_key(cfg: Config, hostkey: Path, name: str, address: str) -> Path:
+    cert = Path(f"{hostkey}-cert.pub")
+    stamp = hostkey.parent / "host-cert.for"
+    want = f"{address} {(_base(cfg) / 'ssh' / 'host_ca.pub').read_text().strip()}"
+    if not cert.exists() or not stamp.exists() or stamp.read_text() != want:
+        subprocess.run(["ssh-keygen", "-q", "-s", str(_base(cfg) / "ssh" / "host_ca"), "-I", name, "-h",
+                        "-n", address, f"{hostkey}.pub"], check=True, capture_output=True)
+        stamp.write_text(want)
+    return cert
 
 
 def supervisor_path(cfg: Config) -> Path:
@@ -242,6 +274,8 @@ def _start_host(cfg: Config, name: str, address: str) -> int:
     if not hostkey.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
                         "-f", str(hostkey)], check=True)
+    host_ca(cfg)
+    cert = _sign_host_key(cfg, hostkey, name, address)
     # the host's own /etc/hostname and /etc/hosts (first start only: later edits are the host's)
     etc = hd / "etc-upper"
     if not (etc / "hostname").exists():
@@ -256,6 +290,7 @@ def _start_host(cfg: Config, name: str, address: str) -> int:
 ListenAddress {address}
 Port {SSH_PORT}
 HostKey {hostkey}
+HostCertificate {cert}
 PidFile none
 AuthorizedKeysFile {base / 'ssh' / 'authorized_keys'}
 PermitRootLogin prohibit-password
@@ -368,7 +403,7 @@ def remove_host(cfg: Config | None, address: str) -> bool:
 
 def _section(cfg: Config, hosts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pool": _opts(cfg).get("pool", POOL), "user": "root",
-            "private_key": str(_base(cfg) / "ssh" / "id_ed25519"),
+            "private_key": str(_base(cfg) / "ssh" / "id_ed25519"), "known_hosts": str(host_ca(cfg)),
             "supervisor": str(supervisor_path(cfg)), "ssh_common_args": SSH_COMMON_ARGS,
             "state_dir": str(cfg.state_dir), "hosts": hosts}
 

@@ -76,7 +76,7 @@ def env(testenv_config, tmp_path_factory):
     for a in (CP, W1, W2):
         hosts.ensure_host(cfg, a)
     conn = Connections(ssh=SshConnection(user=section["user"], private_key_file=section["private_key"],
-                                         extra_args=section["ssh_common_args"], supervisor=section["supervisor"]),
+                                         known_hosts_file=section["known_hosts"], supervisor=section["supervisor"]),
                        kube_binaries=kube.binaries(cfg))
     lines: list[str] = []
     backend = MetalBackend(conn, log=lines.append)
@@ -133,7 +133,7 @@ def test_second_apply_changes_nothing(env):
 
 def test_a_run_in_flight_is_reported_and_not_overlapped(env):
     b, d = env["backend"], desired()
-    with ansible.cluster_lock(CLUSTER, "test holds the lock"):
+    with ansible.guard(CLUSTER, "test holds the lock"):
         assert b.observe(d).in_flight  # observe reads without the lock and reports the run
         steps = [s for s in plan(d, b.observe(d).model_copy(update={"infrastructure": False})).steps
                  if s.action == "infrastructure.ensure"]

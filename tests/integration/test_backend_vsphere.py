@@ -102,7 +102,7 @@ def env(vsphere_env, testenv_config, tmp_path_factory):
         vsphere=VsphereConnection(host=vsphere_env["host"], port=vsphere_env["port"], user=vsphere_env["user"],
                                   password=vsphere_env["password"], insecure=True),
         ssh=SshConnection(user=section["user"], private_key_file=section["private_key"],
-                          extra_args=section["ssh_common_args"], supervisor=section["supervisor"]),
+                          known_hosts_file=section["known_hosts"], supervisor=section["supervisor"]),
         kube_binaries=kube.binaries(cfg))
     lines: list[str] = []
     backend = VsphereBackend(conn, log=lines.append)
@@ -159,7 +159,7 @@ def test_second_apply_changes_nothing(env):
 def test_in_flight_is_refused(env):
     b, d = env["backend"], desired()
     step = plan(d, ObservedCluster(name=CLUSTER)).steps[0]
-    with ansible.cluster_lock(CLUSTER, "test"):
+    with ansible.guard(CLUSTER, "test"):
         assert b.observe(d).in_flight
         with pytest.raises(InFlight):
             b.apply(d, step)

@@ -9,7 +9,7 @@ from backends.metal import MetalBackend
 from models.errors import InFlight, OwnershipConflict, PermanentError, TransientError
 from models.resolve import resolve
 
-CONN = Connections(ssh=SshConnection(user="admin", private_key_file="/keys/id", extra_args="-o A=b",
+CONN = Connections(ssh=SshConnection(user="admin", private_key_file="/keys/id", extra_args="-o A=b", host_key_checking=False,
                                      supervisor="/opt/fw-supervise"),
                    kube_binaries={"kube-apiserver": "/b/kube-apiserver", "kube-controller-manager": "/b/kcm",
                                   "etcd": "/b/etcd"})
@@ -26,7 +26,7 @@ def test_inventory_groups_and_vars_from_the_cluster_spec(example_defs):
     v = inv["vars"]
     assert v["fw_cluster"] == "dc1-web-dev" and v["fw_version"] == d.kubernetes_version
     assert v["ansible_user"] == "root"  # the cluster spec's sshUser wins over the connection default
-    assert v["ansible_ssh_private_key_file"] == "/keys/id" and v["ansible_ssh_common_args"] == "-o A=b"
+    assert v["ansible_ssh_private_key_file"] == "/keys/id" and v["ansible_ssh_common_args"].endswith("-o A=b")
     assert v["supervisor"] == "/opt/fw-supervise" and v["etcd_bin"] == "/b/etcd"
     assert v["kube_apiserver_bin"] == "/b/kube-apiserver" and v["kube_controller_manager_bin"] == "/b/kcm"
 
@@ -65,14 +65,36 @@ def test_successful_run_raises_nothing():
     ansible._raise_for("x.yml", "c1", "successful", 0, [], [], 10)
 
 
-def test_cluster_lock_refuses_a_second_run_and_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLEETWRIGHT_LOCK_DIR", str(tmp_path))
+def test_guard_refuses_a_second_run_in_the_worker_and_is_reported():
     assert ansible.in_flight("c1") == []
-    with ansible.cluster_lock("c1", "prepare.yml"):
+    with ansible.guard("c1", "prepare.yml"):
         assert "prepare.yml" in ansible.in_flight("c1")[0]
         with pytest.raises(InFlight):
-            with ansible.cluster_lock("c1"):
+            with ansible.guard("c1"):
                 pass
-        with ansible.cluster_lock("c2"):  # another cluster is independent
+        with ansible.guard("c2"):  # another cluster is independent
             pass
     assert ansible.in_flight("c1") == []
+
+
+def test_host_keys_are_checked_unless_the_connection_says_not():
+    strict = ansible.ssh_args(SshConnection(private_key_file="/k", known_hosts_file="/kh"))
+    assert strict.startswith("-o StrictHostKeyChecking=yes -o UserKnownHostsFile=/kh")
+    assert "StrictHostKeyChecking=no" not in ansible.ssh_args(SshConnection(private_key_file="/k"))
+    off = ansible.ssh_args(SshConnection(private_key_file="/k", host_key_checking=False))
+    assert "StrictHostKeyChecking=no" in off
+    with pytest.raises(PermanentError, match="known_hosts"):
+        ansible.ssh_args(SshConnection(private_key_file="/k", extra_args="-o StrictHostKeyChecking=no"))
+
+
+@pytest.mark.parametrize("message, error", [
+    ("Failed to connect to the host via ssh: root@127.0.1.5: Permission denied (publickey).", PermanentError),
+    ("Failed to connect to the host via ssh: Host key verification failed.", PermanentError),
+    ("Failed to connect to the host via ssh: ssh: connect to host 127.0.1.5 port 22: Connection refused",
+     TransientError),
+    ("Failed to connect to the host via ssh: Connection timed out during banner exchange", TransientError),
+])
+def test_an_authentication_failure_is_permanent_an_unreachable_host_transient(message, error):
+    with pytest.raises(error) as e:
+        ansible._raise_for("x.yml", "c1", "failed", 4, [], [("h1", message)], 10)
+    assert type(e.value) is error
