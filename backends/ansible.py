@@ -4,18 +4,22 @@
 against an inventory generated from the cluster spec: groups ``control_plane`` and ``workers``,
 per-host variables (address, role, pool, node name, pool labels), SSH settings from
 ``connections.ssh`` and the kube binaries from ``connections.kube_binaries``. Each run gets a
-private data dir in a fresh temporary directory (mode 0700, never inside the repository), removed
-afterwards. Every task result is streamed to ``log`` as one line (never its data: tokens stay out
-of logs).
+private directory inside the process's one (``backends/private.py``: 0700, never the shared temp
+dir), removed afterwards, and runs under a watchdog (``backends/reaper.py``) so that neither
+``ansible-playbook`` nor its ssh connections outlive the run or the process that started it.
+Extra variables go in a file, module arguments over stdin (pipelining): no secret in any argv.
+Host keys are checked (:func:`ssh_args`). Every task result is streamed to ``log`` as one line
+(never its data: tokens stay out of logs).
 
 Errors are mapped to ``models.errors`` in ONE function, :func:`_raise_for`:
-unreachable host -> ``TransientError``; failed task -> ``PermanentError`` naming the task and its
-message (``OwnershipConflict`` for the playbooks' ownership refusals, ``TransientError`` when the
-message is a connection failure or timeout); runner timeout -> ``TransientError``.
+unreachable host -> ``TransientError``, but a failed SSH authentication or host-key check ->
+``PermanentError``; failed task -> ``PermanentError`` naming the task and its message
+(``OwnershipConflict`` for the playbooks' ownership refusals, ``TransientError`` when the message
+is a connection failure or timeout); runner timeout -> ``TransientError``.
 
-A per-cluster lock file (``fcntl.flock``) makes sure two runs on one cluster never overlap: a
-second run raises ``InFlight`` at once (CAPV's in-flight rule); :func:`in_flight` lets
-``observe`` report it. Read-only runs (host states) take no lock.
+Runs on one cluster in different workers are kept apart by the cluster's Prefect lease, held by
+``tasks`` (there is no file lock); :func:`guard` refuses a second step on a cluster within one
+process (``InFlight``, CAPV's rule) and :func:`in_flight` lets ``observe`` report it.
 """
 from __future__ import annotations
 

@@ -69,3 +69,11 @@ class OwnershipConflict(PermanentError):
 
 class InFlight(TransientError):
     """The same operation is already running for this object (CAPV's in-flight rule)."""
+
+
+class LockTimeout(TransientError):
+    """A run waited longer than its bound for a cluster's lock (another run holds it)."""
+
+
+class LockLost(TransientError):
+    """The lease on a cluster's lock was lost while a step ran; the step was stopped."""

@@ -3,19 +3,25 @@
 A cluster lock is a limit of 1 named ``fleetwright-cluster-<name>``, so two
 flows never change one cluster at once, across processes and workers. Its
 lease is renewed while held and expires when a holder dies, so a crashed run
-never blocks the next one for long. API limits: see "API limits" below.
+never blocks the next one for long; a lost lease stops the step, and waits are
+bounded. It is the only lock: backends take none of their own. API limits: see
+"API limits" below.
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
+from prefect._internal.concurrency.cancellation import CancelledError
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.types._concurrency import ConcurrencyLeaseHolder
+
+from models.errors import LockLost, LockTimeout
 
 API_LIMITS = {"aws": (20, 10.0), "vsphere": (10, 5.0), "metal": (8, 2.0), "kubernetes": (50, 25.0)}
 _known: set[str] = set()
@@ -40,17 +46,55 @@ def lock_name(cluster: str) -> str:
     return f"fleetwright-cluster-{cluster}"
 
 
+def lock_timeout_seconds() -> float:
+    """How long a run waits for a cluster's lock: ``FLEETWRIGHT_LOCK_TIMEOUT_SECONDS`` (default 30 min)."""
+    return float(os.environ.get("FLEETWRIGHT_LOCK_TIMEOUT_SECONDS", "1800"))
+
+
+def _holder():
+    """This run as the lease's holder (recorded by the server), when there is a run."""
+    from prefect.runtime import flow_run, task_run
+
+    with suppress(Exception):
+        if task_run.get_id():
+            return ConcurrencyLeaseHolder(type="task_run", id=task_run.get_id())
+        if flow_run.get_id():
+            return ConcurrencyLeaseHolder(type="flow_run", id=flow_run.get_id())
+    return None
+
+
 @contextmanager
 def cluster_lock(cluster: str, timeout_seconds: float | None = None):
-    """Hold the cluster's lock; waits for another flow holding it."""
+    """Hold the cluster's lock, a Prefect lease: the one lock of every backend, across workers and machines.
+
+    * Only a live holder keeps it: the lease is renewed while held and expires when the holder dies
+      (and its Ansible processes die with it, ``backends/reaper.py``), so a crashed run blocks the next
+      one for one lease at most and never runs alongside it.
+    * A lost lease (renewal failed: the server was unreachable for longer than Prefect's retries) stops
+      the step: Prefect interrupts this thread and the step fails with ``LockLost``. Carrying on would
+      let a second holder change the cluster at the same time.
+    * The wait is bounded (``timeout_seconds``, default :func:`lock_timeout_seconds`): ``LockTimeout``
+      names the cluster. Open-source Prefect does not say who holds a lease, so the error does not either.
+    """
     name = lock_name(cluster)
     ensure_limit(name, 1)
     lease = max(60.0, float(os.environ.get("FLEETWRIGHT_LOCK_LEASE_SECONDS", "60")))  # the server's minimum is 60
-    # A failed lease renewal (the API briefly unavailable) logs and carries on rather than killing a step
-    # half-way: a half-done step is worse than the small chance of a second holder after a long outage.
-    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, lease_duration=lease, strict=True,
-                     raise_on_lease_renewal_failure=False):
-        yield
+    wait = lock_timeout_seconds() if timeout_seconds is None else timeout_seconds
+    entered = False
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=wait, lease_duration=lease, strict=True,
+                         holder=_holder(), raise_on_lease_renewal_failure=True):
+            entered = True
+            yield
+    except TimeoutError as e:
+        if entered:
+            raise
+        raise LockTimeout(f"cluster {cluster}: waited {wait:.0f}s for its lock ({name}); another run holds it. "
+                          f"If no run of this cluster is running, its lease expires within {lease:.0f}s") from e
+    except CancelledError as e:  # Prefect's lease watcher interrupted the step: the lease is gone
+        raise LockLost(f"cluster {cluster}: the lease on its lock ({name}) could not be renewed and is lost; "
+                       f"the step was stopped so that no second run changes the cluster at the same time. "
+                       f"Run it again when the Prefect API answers") from e
 
 
 # --------------------------------------------------------------------------- API limits

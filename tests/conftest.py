@@ -5,7 +5,21 @@ one xdist group, so its module fixtures are built once on one worker; the module
 fixed on-prem loopback addresses (SSH hosts, vSphere VMs, the demo's fleet) share one group and
 so run one after another on one worker. Each worker has its own test-environment state dir
 (see ``testenv.pytest_plugin``), so moto resets and apiservers never cross workers.
+
+A session-finish check fails the run if it leaked key material or scratch data: SSH keys or Ansible
+data directories in the system temporary directory (where fleetwright once put them; only those that
+appeared during the session count), directories of dead processes in fleetwright's private
+directory, and Ansible run directories of this process still there after the suite. The session
+gets a private directory of its own (``FLEETWRIGHT_PRIVATE_DIR``, inherited by every process it
+starts), removed at the end.
 """
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["testenv.pytest_plugin"]
@@ -25,3 +39,50 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         else:
             group = module
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+_before: set[str] = set()
+_session_dir: dict[str, str] = {}
+
+
+def pytest_configure(config):
+    if getattr(config, "workerinput", None) is not None or "FLEETWRIGHT_PRIVATE_DIR" in os.environ:
+        return  # an xdist worker, or a directory chosen by the caller: keep it
+    d = tempfile.mkdtemp(prefix="fw-pytest-")
+    os.environ["FLEETWRIGHT_PRIVATE_DIR"] = str(Path(d) / "private")
+    _session_dir["dir"] = d
+
+
+def leftovers() -> set[str]:
+    """Key files and fleetwright scratch directories that no running process uses."""
+    from backends import private
+
+    tmp = Path(tempfile.gettempdir())
+    out = {str(p) for p in tmp.glob("fleetwright-ssh-*")} | {str(p) for p in tmp.glob("fw-ansible-*")}
+    base = private.root()
+    for d in base.iterdir():
+        if not d.name.startswith("p"):
+            continue
+        if not private.alive(d.name):
+            out.add(str(d))
+        elif d.name.startswith(f"p{os.getpid()}-"):
+            out |= {str(r) for r in d.iterdir() if r.name.startswith("ansible-")}
+    return out
+
+
+def pytest_sessionstart(session):
+    _before.clear()
+    _before.update(leftovers())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    if getattr(session.config, "workerinput", None) is not None:  # an xdist worker: the controller checks
+        return
+    leaked = sorted(leftovers() - _before)
+    if leaked:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"LEAKED key material / scratch directories ({len(leaked)}): " + ", ".join(leaked[:10]), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if _session_dir.get("dir"):
+        shutil.rmtree(_session_dir["dir"], ignore_errors=True)
