@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from models.desired import DesiredCluster, Machine
-from models.errors import InFlight, OwnershipConflict, PermanentError, TransientError
+from models.errors import FleetwrightError, InFlight, OwnershipConflict, PermanentError, TransientError
 
 from . import private
 from .connections import Connections
@@ -68,6 +68,7 @@ class AnsibleResult:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> host -> result
     seconds: float = 0.0
     changed_tasks: list[str] = field(default_factory=list)  # "host: task" of every change
+    problems: dict[str, tuple[str, str]] = field(default_factory=dict)  # per-host runs: host -> (kind, message)
 
 
 # --------------------------------------------------------------------------- in-process guard
@@ -224,7 +225,7 @@ def _env(tmp: Path, host_key_checking: bool) -> dict[str, str]:
 def _reaper_shim() -> str:
     """The executable ansible-runner starts instead of ansible-playbook: the watchdog, same pid (exec)."""
     text = f"#!/bin/sh\nexec '{sys.executable}' -I '{REAPER}' \"$@\"\n"
-    path = private.write_secret("ansible-playbook", text)
+    path = private.write_secret("fw-reaper", text)
     path.chmod(0o700)
     return str(path)
 
@@ -275,18 +276,19 @@ def run(playbook: str, hosts: list[Machine], desired: DesiredCluster, connection
     ctx = guard(desired.name, f"{playbook}") if lock else contextlib.nullcontext()
     with ctx, private.run_dir(f"ansible-{desired.name}"[:40]) as tmp:
         try:
-            return _run(ansible_runner, playbook, hosts, desired, connections, dict(extravars or {}), log,
-                        limit, timeout, fetch, tmp)
+            return _run(ansible_runner, playbook, desired.name, inventory(hosts, desired, connections), connections,
+                        dict(extravars or {}), log, limit, timeout, fetch, tmp)
         finally:
             _end_run_processes(tmp)
 
 
-def _run(ansible_runner, playbook, hosts, desired, connections, extravars, log, limit, timeout, fetch,
-         tmp: Path) -> AnsibleResult:
+def _run(ansible_runner, playbook: str, label: str, inv: dict, connections, extravars, log, limit, timeout, fetch,
+         tmp: Path, per_host: bool = False) -> AnsibleResult:
+    """One ansible-runner run. ``per_host``: host failures are returned in ``problems``, not raised."""
     pdd = tmp / "pdd"
     (pdd / "inventory").mkdir(parents=True)
     (pdd / "env").mkdir()
-    (pdd / "inventory" / "hosts.json").write_text(json.dumps(inventory(hosts, desired, connections)))
+    (pdd / "inventory" / "hosts.json").write_text(json.dumps(inv))
     (tmp / "tmp").mkdir(mode=0o700)
     (tmp / "cp").mkdir(mode=0o700)
     if fetch:
@@ -310,22 +312,22 @@ def _run(ansible_runner, playbook, hosts, desired, connections, extravars, log, 
             word = "done (output hidden)" if res.get("censored") else "changed" if res.get("changed") else "ok"
             if res.get("changed"):
                 changed_tasks.append(f"{host}: {task}")
-            log(f"[{desired.name}] {playbook} {host}: {task}: {word}")
+            log(f"[{label}] {playbook} {host}: {task}: {word}")
         elif kind == "runner_on_failed":
             if d.get("ignore_errors"):
-                log(f"[{desired.name}] {playbook} {host}: {task}: failed (ignored)")
+                log(f"[{label}] {playbook} {host}: {task}: failed (ignored)")
             else:
                 msg = _message(res)
                 failures.append((host, task, msg))
-                log(f"[{desired.name}] {playbook} {host}: {task}: FAILED: {' '.join(msg.split())[:300]}")
+                log(f"[{label}] {playbook} {host}: {task}: FAILED: {' '.join(msg.split())[:300]}")
         elif kind == "runner_on_unreachable":
             msg = _message(res)
             unreachable.append((host, msg))
-            log(f"[{desired.name}] {playbook} {host}: {task}: UNREACHABLE: {' '.join(msg.split())[:200]}")
+            log(f"[{label}] {playbook} {host}: {task}: UNREACHABLE: {' '.join(msg.split())[:200]}")
         elif kind == "runner_on_skipped":
             pass
         elif kind == "runner_retry":
-            log(f"[{desired.name}] {playbook} {host}: {task}: retrying ({d.get('retries_left', '?')} left)")
+            log(f"[{label}] {playbook} {host}: {task}: retrying ({d.get('retries_left', '?')} left)")
         # keep only the stats event (Runner.stats reads it); task results never reach the disk
         return kind == "playbook_on_stats"
 
@@ -351,16 +353,21 @@ def _run(ansible_runner, playbook, hosts, desired, connections, extravars, log, 
             failures_text = " ".join(tail.split())
             if r.status not in ("timeout", "canceled"):
                 failures.append(("controller", "ansible-playbook", failures_text))
-    _raise_for(playbook, desired.name, r.status, r.rc, failures, unreachable, timeout)
+    if per_host and r.status not in ("timeout", "canceled") and (failures or unreachable) and \
+            all(h != "controller" for h, _, _ in failures):
+        problems = {h: ("failed", f"{t}: {m}") for h, t, m in failures} | {h: ("unreachable", m) for h, m in unreachable}
+    else:
+        _raise_for(playbook, label, r.status, r.rc, failures, unreachable, timeout)
+        problems = {}
     changed_hosts = sorted((stats.get("changed") or {}).keys())
     result = AnsibleResult(
         changed=bool(changed_hosts), ok=sorted((stats.get("ok") or {}).keys()),
         failed=sorted(h for h, _, _ in failures), unreachable=sorted(h for h, _ in unreachable),
         stats={k: dict(v) for k, v in stats.items() if isinstance(v, dict)}, outputs=outputs,
-        seconds=seconds, changed_tasks=changed_tasks)
+        seconds=seconds, changed_tasks=changed_tasks, problems=problems)
     if fetch:
         result.outputs["__fetched__"] = fetched  # type: ignore[assignment]
-    log(f"[{desired.name}] {playbook}: {'changed' if result.changed else 'no changes'} "
+    log(f"[{label}] {playbook}: {'changed' if result.changed else 'no changes'} "
         f"({len(changed_tasks)} changed tasks, {seconds:.1f}s)")
     return result
 
@@ -379,6 +386,18 @@ class HostState:
     processes: dict[str, bool]  # supervised process -> running
 
 
+def _parse_state(m: Machine, res: dict[str, Any]) -> HostState:
+    doc = json.loads(res["stdout"])
+    state: dict[str, Any] = {}
+    if doc.get("state"):
+        try:
+            state = json.loads(doc["state"])
+        except ValueError:
+            raise PermanentError(f"host {m.name} ({m.address}): /etc/fleetwright/state.json is not JSON") from None
+    marker = (doc.get("marker") or "").strip() or None
+    return HostState(machine=m, marker=marker, state=state, ca=doc.get("ca"), processes=doc.get("processes") or {})
+
+
 def host_states(hosts: list[Machine], desired: DesiredCluster, connections: Connections,
                 log: Log | None = None) -> dict[str, HostState]:
     """Read /etc/fleetwright/{cluster,state.json} of each host (no lock: read-only, for observe).
@@ -392,16 +411,63 @@ def host_states(hosts: list[Machine], desired: DesiredCluster, connections: Conn
         res = raw.get(m.name)
         if res is None:
             raise TransientError(f"cluster {desired.name}: host {m.name} ({m.address}) reported no state")
-        doc = json.loads(res["stdout"])
-        state: dict[str, Any] = {}
-        if doc.get("state"):
-            try:
-                state = json.loads(doc["state"])
-            except ValueError:
-                raise PermanentError(f"host {m.name} ({m.address}): /etc/fleetwright/state.json is not JSON") from None
-        marker = (doc.get("marker") or "").strip() or None
-        out[m.name] = HostState(machine=m, marker=marker, state=state, ca=doc.get("ca"),
-                                processes=doc.get("processes") or {})
+        out[m.name] = _parse_state(m, res)
+    return out
+
+
+def host_states_many(groups: list[tuple[DesiredCluster, list[Machine]]], connections: Connections,
+                     log: Log | None = None, label: str = "shard",
+                     timeout: float = 300) -> dict[str, dict[str, HostState] | FleetwrightError]:
+    """The host states of many clusters with ONE read-only run of ``state.yml`` over all their hosts.
+
+    Returns, per cluster, its hosts' states, or the error that cluster's hosts gave (an unreachable host
+    fails only its own cluster: ``TransientError``, or ``PermanentError`` for a failed authentication).
+    A failure of the run itself (timeout, no SSH connection) raises for all.
+    """
+    import ansible_runner
+
+    ssh = connections.ssh
+    if ssh is None:
+        raise PermanentError("no SSH connection configured (Connections.ssh)")
+    log = log or (lambda line: None)
+    hostvars: dict[str, dict[str, Any]] = {}
+    where: dict[str, tuple[str, Machine]] = {}
+    for d, machines in groups:
+        user = getattr(d.backend, "ssh_user", None) or ssh.user
+        for m in machines:
+            name = f"{d.name}--{m.name}"
+            hostvars[name] = {"ansible_host": m.address, "ansible_user": user, "fw_cluster": d.name,
+                              "fw_node_name": m.name}
+            where[name] = (d.name, m)
+    out: dict[str, dict[str, HostState] | FleetwrightError] = {d.name: {} for d, _ in groups}
+    if not hostvars:
+        return out
+    all_vars: dict[str, Any] = {"ansible_port": ssh.port, "ansible_ssh_private_key_file": ssh.private_key_file,
+                                "ansible_ssh_common_args": ssh_args(ssh), "ansible_python_interpreter": "/usr/bin/python3"}
+    if ssh.supervisor:
+        all_vars["supervisor"] = ssh.supervisor
+    inv = {"all": {"vars": all_vars, "hosts": hostvars}}
+    with private.run_dir(f"ansible-{label}"[:40]) as tmp:
+        try:
+            r = _run(ansible_runner, "state.yml", label, inv, connections, {}, log, None, timeout, False, tmp,
+                     per_host=True)
+        finally:
+            _end_run_processes(tmp)
+    raw = r.outputs.get("fleetwright host state", {})
+    for name, (cluster, m) in where.items():
+        if isinstance(out[cluster], FleetwrightError):
+            continue
+        try:
+            if name in r.problems:
+                kind, msg = r.problems[name]
+                _raise_for("state.yml", cluster, "failed", 2, [(m.name, "fleetwright host state", msg)]
+                           if kind == "failed" else [], [(m.name, msg)] if kind == "unreachable" else [], timeout)
+            res = raw.get(name)
+            if res is None:
+                raise TransientError(f"cluster {cluster}: host {m.name} ({m.address}) reported no state")
+            out[cluster][m.name] = _parse_state(m, res)  # type: ignore[index]
+        except FleetwrightError as e:
+            out[cluster] = e
     return out
 
 

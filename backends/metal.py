@@ -4,7 +4,8 @@ Hosts are found by the spec (``backend.hosts``) and recognised as ours by the ow
 ``/etc/fleetwright/cluster`` each host carries; their role and version are in
 ``/etc/fleetwright/state.json`` (written by the playbooks). Nothing is stored locally.
 
-* ``observe``: the host states (one read-only playbook run). A host marked for another cluster
+* ``observe``: the host states (one read-only playbook run). ``observe_many`` observes a shard of
+  clusters with one run over all their hosts (an error is returned for its own cluster only). A host marked for another cluster
   raises ``OwnershipConflict``; an unreachable host raises ``TransientError``. ``exists`` needs
   the control-plane state AND an answer from its API server's ``/readyz``.
 * ``apply``: ``infrastructure.ensure`` -> prepare; ``controlPlane.create`` -> control_plane;
@@ -25,7 +26,7 @@ import urllib.request
 from typing import Callable
 
 from models.desired import DesiredCluster, Machine, ObservedCluster, ObservedNodePool
-from models.errors import OwnershipConflict, PermanentError
+from models.errors import FleetwrightError, OwnershipConflict, PermanentError
 from models.plan import Step
 
 from . import ansible
@@ -68,6 +69,9 @@ class HostsCluster:
         hosts = self.hosts(desired) if hosts is None else hosts
         with api_call("metal"):  # one Ansible run: one call against the fleet's metal API limit
             states = ansible.host_states(hosts, desired, self.connections, log=self.log) if hosts else {}
+        return self._refuse_foreign(desired, states)
+
+    def _refuse_foreign(self, desired: DesiredCluster, states: dict[str, ansible.HostState]) -> dict[str, ansible.HostState]:
         for s in states.values():
             if s.marker and s.marker != desired.name:
                 raise OwnershipConflict(
@@ -75,8 +79,9 @@ class HostsCluster:
                     f"(/etc/fleetwright/cluster), not {desired.name!r}; fleetwright will not adopt it")
         return states
 
-    def observe_hosts(self, desired: DesiredCluster, hosts: list[Machine] | None = None) -> ObservedCluster:
-        states = self._states(desired, hosts)
+    def observe_hosts(self, desired: DesiredCluster, hosts: list[Machine] | None = None,
+                      states: dict[str, ansible.HostState] | None = None) -> ObservedCluster:
+        states = self._states(desired, hosts) if states is None else self._refuse_foreign(desired, states)
         name = desired.name
         ours = {n: s for n, s in states.items() if s.marker == name}
         infrastructure = bool(desired.machines) and all(m.name in ours for m in desired.machines)
@@ -215,6 +220,27 @@ class MetalBackend(HostsCluster):
 
     def observe(self, desired: DesiredCluster) -> ObservedCluster:
         return self.observe_hosts(desired)
+
+    def observe_many(self, desired: list[DesiredCluster]) -> dict[str, ObservedCluster | FleetwrightError]:
+        """Observe many clusters (a shard) with ONE read-only Ansible run over all their hosts (CONTRACT: SHOULD).
+
+        Same result per cluster as :meth:`observe`, or the error it would have raised (an unreachable
+        host, a host of another cluster) for that cluster alone.
+        """
+        groups = [(d, self.hosts(d)) for d in desired]
+        with api_call("metal"):  # one Ansible run for the whole shard: one call against the metal API limit
+            states = ansible.host_states_many(groups, self.connections, log=self.log,
+                                              label=f"{len(desired)}-clusters")
+        out: dict[str, ObservedCluster | FleetwrightError] = {}
+        for d in desired:
+            got = states.get(d.name, {})
+            try:
+                if isinstance(got, FleetwrightError):
+                    raise got
+                out[d.name] = self.observe_hosts(d, states=got)
+            except FleetwrightError as e:
+                out[d.name] = e
+        return out
 
     def apply(self, desired: DesiredCluster, step: Step) -> StepResult:
         with ansible.guard(desired.name, f"{step.action} {step.object}"):

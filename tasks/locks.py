@@ -9,6 +9,7 @@ bounded. It is the only lock: backends take none of their own. API limits: see
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -80,21 +81,37 @@ def cluster_lock(cluster: str, timeout_seconds: float | None = None):
     ensure_limit(name, 1)
     lease = max(60.0, float(os.environ.get("FLEETWRIGHT_LOCK_LEASE_SECONDS", "60")))  # the server's minimum is 60
     wait = lock_timeout_seconds() if timeout_seconds is None else timeout_seconds
-    entered = False
+    entered = done = False
     try:
         with concurrency(name, occupy=1, timeout_seconds=wait, lease_duration=lease, strict=True,
                          holder=_holder(), raise_on_lease_renewal_failure=True):
             entered = True
             yield
-    except TimeoutError as e:
-        if entered:
-            raise
-        raise LockTimeout(f"cluster {cluster}: waited {wait:.0f}s for its lock ({name}); another run holds it. "
-                          f"If no run of this cluster is running, its lease expires within {lease:.0f}s") from e
+            done = True
     except CancelledError as e:  # Prefect's lease watcher interrupted the step: the lease is gone
+        if done:
+            return
         raise LockLost(f"cluster {cluster}: the lease on its lock ({name}) could not be renewed and is lost; "
                        f"the step was stopped so that no second run changes the cluster at the same time. "
                        f"Run it again when the Prefect API answers") from e
+    except TimeoutError as e:
+        if not entered:
+            raise LockTimeout(f"cluster {cluster}: waited {wait:.0f}s for its lock ({name}); another run holds it. "
+                              f"If no run of this cluster is running, its lease expires within {lease:.0f}s") from e
+        if not done:
+            raise
+        _release_failed(cluster, e, lease)
+    except Exception as e:
+        if not done:
+            raise
+        _release_failed(cluster, e, lease)
+
+
+def _release_failed(cluster: str, e: BaseException, lease: float) -> None:
+    """The work is done; only giving the lease back failed (API unreachable): it expires by itself."""
+    logging.getLogger("fleetwright.locks").warning(
+        "cluster %s: could not release its lock (%s: %s); the lease expires within %.0fs", cluster, type(e).__name__,
+        e, lease)
 
 
 # --------------------------------------------------------------------------- API limits

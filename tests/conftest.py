@@ -66,7 +66,7 @@ def leftovers() -> set[str]:
         if not private.alive(d.name):
             out.add(str(d))
         elif d.name.startswith(f"p{os.getpid()}-"):
-            out |= {str(r) for r in d.iterdir() if r.name.startswith("ansible-")}
+            out |= {str(r) for r in d.iterdir() if r.is_dir() and r.name.startswith("ansible-")}
     return out
 
 

@@ -142,6 +142,42 @@ def test_a_run_in_flight_is_reported_and_not_overlapped(env):
     assert b.observe(d).in_flight == []
 
 
+def test_observe_many_reads_a_shard_in_one_run_and_isolates_errors(env):
+    """Two clusters, one Ansible run: edge-lab-01 is observed as by observe(); edge-store-01's hosts do
+    not exist here, so it alone gets a TransientError."""
+    b, d = env["backend"], desired()
+    other = resolve(load(example_files()), "edge-store-01")
+    env["lines"].clear()
+    got = b.observe_many([d, other])
+    runs = [ln for ln in env["lines"] if ln.startswith("[2-clusters] state.yml:")]
+    assert len(runs) == 1 and not any("] state.yml:" in ln for ln in env["lines"] if ln not in runs), env["lines"]
+    assert isinstance(got["edge-store-01"], TransientError) and "unreachable" in str(got["edge-store-01"])
+    single = b.observe(d)
+    assert got[CLUSTER] == single and got[CLUSTER].exists
+
+
+def test_ssh_authentication_and_host_key_failures_are_permanent(env, tmp_path):
+    import subprocess
+
+    from models.errors import PermanentError
+
+    b, d = env["backend"], desired()
+    section = env["section"]
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "wrong")], check=True)
+    wrong_key = Connections(ssh=SshConnection(user=section["user"], private_key_file=str(tmp_path / "wrong"),
+                                              known_hosts_file=section["known_hosts"]))
+    with pytest.raises(PermanentError, match="authentication") as e:
+        MetalBackend(wrong_key).observe(d)
+    assert not isinstance(e.value, TransientError) and "Permission denied" in str(e.value)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other-ca")], check=True)
+    (tmp_path / "known_hosts").write_text(f"@cert-authority 127.* {(tmp_path / 'other-ca.pub').read_text()}")
+    wrong_ca = Connections(ssh=SshConnection(user=section["user"], private_key_file=section["private_key"],
+                                             known_hosts_file=str(tmp_path / "known_hosts")))
+    with pytest.raises(PermanentError, match="host-key") as e:
+        MetalBackend(wrong_ca).observe(d)
+    assert not isinstance(e.value, TransientError)
+
+
 def test_frozen_host_is_transient_and_the_retry_makes_no_duplicate(env):
     b, d, section = env["backend"], desired(), env["section"]
     step = plan(d, b.observe(d).model_copy(update={"node_pools": {}})).steps[0]
