@@ -349,7 +349,8 @@ def ensure_host(cfg: Config | None, address: str, name: str | None = None) -> di
             name = known[address]["name"]
         name = name or default_name(address)
         pid = read_pid(_proc_name(name), cfg)
-        if pid is None or not host_processes(cfg, address):
+        signed = (_base(cfg) / name / "ssh_host_ed25519_key-cert.pub").exists()
+        if pid is None or not host_processes(cfg, address) or not signed:  # unsigned: started before the CA
             if pid is not None:
                 stop_process(_proc_name(name), cfg)
             _kill_host(cfg, address)  # leftovers of a half-dead host

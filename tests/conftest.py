@@ -6,12 +6,11 @@ fixed on-prem loopback addresses (SSH hosts, vSphere VMs, the demo's fleet) shar
 so run one after another on one worker. Each worker has its own test-environment state dir
 (see ``testenv.pytest_plugin``), so moto resets and apiservers never cross workers.
 
-A session-finish check fails the run if it leaked key material or scratch data: SSH keys or Ansible
-data directories in the system temporary directory (where fleetwright once put them; only those that
-appeared during the session count), directories of dead processes in fleetwright's private
-directory, and Ansible run directories of this process still there after the suite. The session
-gets a private directory of its own (``FLEETWRIGHT_PRIVATE_DIR``, inherited by every process it
-starts), removed at the end.
+A session-finish check fails the run if it leaked key material or scratch data: directories of dead
+processes in fleetwright's private directory, and Ansible run directories of this process still
+there after the suite. The session gets a private directory of its own (``FLEETWRIGHT_PRIVATE_DIR``,
+inherited by every process it starts), so only its own files count; it is removed at the end. The
+crash test also counts the names fleetwright once left in the shared temporary directory.
 """
 from __future__ import annotations
 
@@ -53,12 +52,18 @@ def pytest_configure(config):
     _session_dir["dir"] = d
 
 
-def leftovers() -> set[str]:
-    """Key files and fleetwright scratch directories that no running process uses."""
+def leftovers(legacy: bool = False) -> set[str]:
+    """Key files and fleetwright scratch directories that no running process uses.
+
+    ``legacy`` adds the names fleetwright once used in the shared temporary directory; only a test
+    that holds the on-prem lock can tell they are its own (other sessions' old code may make them).
+    """
     from backends import private
 
-    tmp = Path(tempfile.gettempdir())
-    out = {str(p) for p in tmp.glob("fleetwright-ssh-*")} | {str(p) for p in tmp.glob("fw-ansible-*")}
+    out: set[str] = set()
+    if legacy:
+        tmp = Path(tempfile.gettempdir())
+        out |= {str(p) for p in tmp.glob("fleetwright-ssh-*")} | {str(p) for p in tmp.glob("fw-ansible-*")}
     base = private.root()
     for d in base.iterdir():
         if not d.name.startswith("p"):
