@@ -91,20 +91,39 @@ def cluster_lock(cluster: str, timeout_seconds: float | None = None):
     except CancelledError as e:  # Prefect's lease watcher interrupted the step: the lease is gone
         if done:
             return
-        raise LockLost(f"cluster {cluster}: the lease on its lock ({name}) could not be renewed and is lost; "
-                       f"the step was stopped so that no second run changes the cluster at the same time. "
-                       f"Run it again when the Prefect API answers") from e
+        raise _lost(cluster, name) from e
     except TimeoutError as e:
         if not entered:
             raise LockTimeout(f"cluster {cluster}: waited {wait:.0f}s for its lock ({name}); another run holds it. "
                               f"If no run of this cluster is running, its lease expires within {lease:.0f}s") from e
+        if _interrupted(e):
+            raise _lost(cluster, name) from e
         if not done:
             raise
         _release_failed(cluster, e, lease)
     except Exception as e:
+        if _interrupted(e):  # the release after the interruption failed too (the API is gone)
+            raise _lost(cluster, name) from e
         if not done:
             raise
         _release_failed(cluster, e, lease)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """True if ``e`` was raised while Prefect's CancelledError (a lost lease) was being handled."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, CancelledError):
+            return True
+        seen.add(id(e))
+        e = e.__context__
+    return False
+
+
+def _lost(cluster: str, name: str) -> LockLost:
+    return LockLost(f"cluster {cluster}: the lease on its lock ({name}) could not be renewed and is lost; "
+                    f"the step was stopped so that no second run changes the cluster at the same time. "
+                    f"Run it again when the Prefect API answers")
 
 
 def _release_failed(cluster: str, e: BaseException, lease: float) -> None:
