@@ -53,9 +53,10 @@ def gate(defs: Definitions, old: Optional[Definitions], actor: str, action: str,
 
 @task(name="converge-cluster", task_run_name="converge {desired.name}", cache_policy=NO_CACHE)
 def converge_task(desired: DesiredCluster, dry_run: bool, idempotency_key: str,
-                  step_filter: Optional[Callable[[Step], bool]] = None, versions_matter: bool = True) -> Outcome:
+                  step_filter: Optional[Callable[[Step], bool]] = None, versions_matter: bool = True,
+                  guard: Optional[Callable[[Step], Optional[str]]] = None) -> Outcome:
     return converge(desired, dry_run=dry_run, idempotency_key=idempotency_key, step_filter=step_filter,
-                    versions_matter=versions_matter)
+                    versions_matter=versions_matter, guard=guard)
 
 
 def in_threads(fn: Callable, items: list, max_workers: int = 8) -> list:
@@ -77,8 +78,11 @@ class Approval(RunInput):
 
 def run_waves(flow: str, desired: dict[str, DesiredCluster], policy: WavePolicy, *, dry_run: bool,
               idempotency_key: str, step_filter: Optional[Callable[[Step], bool]] = None,
-              max_workers: int = 8, versions_matter: bool = True) -> tuple[list[Outcome], dict]:
-    """Carry a change across clusters in waves; halt past the failure threshold; wait for approvals."""
+              max_workers: int = 8, versions_matter: bool = True, windows=None) -> tuple[list[Outcome], dict]:
+    """Carry a change across clusters in waves; halt past the failure threshold; wait for approvals.
+
+    ``windows`` (a ``flows.windows.WindowGate``) defers clusters outside their maintenance windows.
+    """
     log = get_run_logger()
     waves = plan_waves(list(desired.values()), policy)
     outcomes: list[Outcome] = []
@@ -97,7 +101,8 @@ def run_waves(flow: str, desired: dict[str, DesiredCluster], policy: WavePolicy,
                 break
         log.info("wave %s: %s", wave.name, ", ".join(wave.clusters))
         results = in_threads(lambda name: converge_task(desired[name], dry_run, idempotency_key, step_filter,
-                                                        versions_matter), wave.clusters, max_workers)
+                                                        versions_matter, windows and windows.guard(desired[name])),
+                             wave.clusters, max_workers)
         outcomes += results
         failed = sum(o.status in PROBLEMS for o in results)
         if wave_failed(failed, len(results), policy):

@@ -7,6 +7,7 @@ is in ``flows.reconcile``.
 """
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Optional
 
 from prefect import flow, get_run_logger
@@ -23,6 +24,7 @@ from tasks.definitions import WriteBack, component_set_doc, write_back as write_
 from tasks.guard import record_imperative
 from tasks.report import publish
 
+from .windows import SecurityOverride, WindowGate
 from .common import (DEFAULT_ACTOR, DefinitionsSource, default_source, finish, gate, load_definitions, run_key,
                      run_waves, waves_markdown)
 
@@ -53,7 +55,8 @@ def create_cluster(cluster: str, source: Optional[DefinitionsSource] = None, dry
 @flow(name="upgrade-cluster", log_prints=True)
 def upgrade_cluster(cluster: str, to_version: str = Field(..., pattern=r"^1\.[0-9]{1,2}$"),
                     source: Optional[DefinitionsSource] = None, dry_run: bool = False,
-                    actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None) -> dict:
+                    actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None,
+                    now: Optional[datetime] = None, security_override: Optional[SecurityOverride] = None) -> dict:
     """Upgrade Kubernetes one minor version at a time, control plane first, a health gate after each step.
 
     Refused before any change when a component does not support a version on the way. Bump the
@@ -63,16 +66,19 @@ def upgrade_cluster(cluster: str, to_version: str = Field(..., pattern=r"^1\.[0-
     gate(defs, old, actor, "upgrade", flow="upgrade-cluster", cluster=cluster)
     desired = _desired(defs, cluster, "upgrade-cluster")
     target = desired.model_copy(update={"kubernetes_version": to_version, "hash": f"{desired.hash}-k8s{to_version}"})
+    win = WindowGate(defs, flow="upgrade-cluster", actor=actor, dry_run=dry_run, now=now, override=security_override)
+    win.ask_override({cluster: target})
     outcome = converge(target, dry_run=dry_run, idempotency_key=run_key(idempotency_key),
-                       step_filter=lambda s: s.action in _UPGRADES)
-    return finish("upgrade-cluster", [outcome], dry_run=dry_run)
+                       step_filter=lambda s: s.action in _UPGRADES, guard=win.guard(target))
+    return finish("upgrade-cluster", [outcome], dry_run=dry_run, extra_md=win.finish()) | {"windows": win.record()}
 
 
 @flow(name="add-component", log_prints=True)
 def add_component(component: str, selector: dict[str, str], values: dict = {},  # noqa: B006 (a form default)
                   source: Optional[DefinitionsSource] = None, waves: WavePolicy = WavePolicy(),
                   dry_run: bool = False, actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None,
-                  write_back: WriteBack = "push", record_in_git: bool = True) -> dict:
+                  write_back: WriteBack = "push", record_in_git: bool = True, now: Optional[datetime] = None,
+                  security_override: Optional[SecurityOverride] = None) -> dict:
     """Add a component to every cluster the label selector picks, translated per backend, in waves.
 
     The change goes to the definitions FIRST, as a ComponentSet document, then rolls out from there:
@@ -127,10 +133,14 @@ def add_component(component: str, selector: dict[str, str], values: dict = {},  
     if mode == "off" and not dry_run:  # nothing in the definitions: tell the sweep not to prune it (tasks.guard)
         for n in names:
             record_imperative(n, component, key, actor)
+    win = WindowGate(defs, flow="add-component", actor=actor, dry_run=dry_run, now=now, override=security_override)
+    win.ask_override(desired)
     outcomes, record = run_waves("add-component", desired, waves, dry_run=dry_run, idempotency_key=key,
-                                 step_filter=only_component, versions_matter=False)
-    out = finish("add-component", outcomes, dry_run=dry_run, extra_md="\n\n".join(x for x in (waves_markdown(record), wb_md) if x))
-    return out | {"waves": record, "write_back": wb.to_dict() if wb else {"mode": "dry-run" if dry_run else mode}}
+                                 step_filter=only_component, versions_matter=False, windows=win)
+    out = finish("add-component", outcomes, dry_run=dry_run,
+                 extra_md="\n\n".join(x for x in (waves_markdown(record), wb_md, win.finish()) if x))
+    return out | {"waves": record, "write_back": wb.to_dict() if wb else {"mode": "dry-run" if dry_run else mode},
+                  "windows": win.record()}
 
 
 def _write_back_md(wb, rel: str) -> str:
@@ -148,8 +158,12 @@ def _write_back_md(wb, rel: str) -> str:
 def rollout_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSource] = None,  # noqa: B006
                   waves: WavePolicy = WavePolicy(), to_version: Optional[str] = None, dry_run: bool = False,
                   actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None,
-                  clusters: Optional[list[str]] = None) -> dict:
+                  clusters: Optional[list[str]] = None, now: Optional[datetime] = None,
+                  security_override: Optional[SecurityOverride] = None) -> dict:
     """Converge the selected clusters to the definitions in waves (a model version bump), or upgrade them.
+
+    Each cluster changes only inside its maintenance window (``flows.windows``); the others are deferred
+    to a follow-up run at their next window. ``now`` evaluates the windows as at that time.
 
     ``clusters`` names exactly the clusters to roll out (as ``sync-from-git`` does); with a ``selector``
     too, a cluster must match both.
@@ -170,9 +184,12 @@ def rollout_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSou
         desired = {n: d.model_copy(update={"kubernetes_version": to_version, "hash": f"{d.hash}-k8s{to_version}"})
                    for n, d in desired.items()}
         step_filter = lambda s: s.action in _UPGRADES  # noqa: E731
+    win = WindowGate(defs, flow="rollout-fleet", actor=actor, dry_run=dry_run, now=now, override=security_override)
+    win.ask_override(desired)
     outcomes, record = run_waves("rollout-fleet", desired, waves, dry_run=dry_run,
-                                 idempotency_key=run_key(idempotency_key), step_filter=step_filter)
-    return finish("rollout-fleet", outcomes, dry_run=dry_run, extra_md=waves_markdown(record)) | {"waves": record}
+                                 idempotency_key=run_key(idempotency_key), step_filter=step_filter, windows=win)
+    return finish("rollout-fleet", outcomes, dry_run=dry_run, extra_md=waves_markdown(record) + "\n\n" + win.finish()) \
+        | {"waves": record, "windows": win.record()}
 
 
 @flow(name="onboard-team", log_prints=True)

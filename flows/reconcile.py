@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from datetime import datetime
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
@@ -46,7 +47,8 @@ from tasks.guard import RemovalGuard, current as removal_guard, install as insta
 from tasks.locks import api_share, share_of
 from tasks.report import merge_summaries, publish, publish_summary, summarise
 
-from .common import DefinitionsSource, default_source, in_threads, load_definitions, run_key
+from .common import DEFAULT_ACTOR, DefinitionsSource, default_source, in_threads, load_definitions, run_key
+from .windows import WindowGate
 
 SHARD_DEPLOYMENT = "reconcile-shard/reconcile-shard"
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -67,7 +69,7 @@ def _observe(desired: DesiredCluster, infra_observed: ObservedCluster | None = N
 
 
 def check_one(desired: DesiredCluster, dry_run: bool, idempotency_key: str,
-              infra_observed: ObservedCluster | Exception | None = None) -> Outcome:
+              infra_observed: ObservedCluster | Exception | None = None, windows=None) -> Outcome:
     t0 = time.monotonic()
     try:
         if isinstance(infra_observed, Exception):
@@ -90,7 +92,8 @@ def check_one(desired: DesiredCluster, dry_run: bool, idempotency_key: str,
         return Outcome(desired.name, Status.DRIFT, plan_rows(p), drift=drift, reason=f"{len(p.steps)} step(s) to converge",
                        seconds=time.monotonic() - t0)
     out = converge(desired, dry_run=False, idempotency_key=idempotency_key,
-                   step_filter=guard.allows if guard is not None else None)
+                   step_filter=guard.allows if guard is not None else None,
+                   guard=windows and windows.guard(desired))  # repairs wait for the cluster's maintenance window
     out.drift = drift
     if out.status == Status.CONVERGED:
         out.status = Status.CORRECTED
@@ -116,13 +119,14 @@ def observe_batch(desired: list[DesiredCluster]) -> dict[str, ObservedCluster | 
 
 @task(name="reconcile-batch", task_run_name="reconcile batch {index}", cache_policy=NO_CACHE)
 def reconcile_batch(index: int, desired: list[DesiredCluster], dry_run: bool, idempotency_key: str,
-                    max_workers: int) -> list[Outcome]:
+                    max_workers: int, windows=None) -> list[Outcome]:
     pre = observe_batch(desired)
-    return in_threads(lambda d: check_one(d, dry_run, idempotency_key, pre.get(d.name)), desired, max_workers)
+    return in_threads(lambda d: check_one(d, dry_run, idempotency_key, pre.get(d.name), windows), desired, max_workers)
 
 
-def _sweep(desired: list[DesiredCluster], dry_run: bool, key: str, batch_size: int, max_workers: int) -> list[Outcome]:
-    futures = [reconcile_batch.submit(i, desired[i:i + batch_size], dry_run, key, max_workers)
+def _sweep(desired: list[DesiredCluster], dry_run: bool, key: str, batch_size: int, max_workers: int,
+           windows=None) -> list[Outcome]:
+    futures = [reconcile_batch.submit(i, desired[i:i + batch_size], dry_run, key, max_workers, windows)
                for i in range(0, len(desired), batch_size)]
     return [o for f in futures for o in f.result()]
 
@@ -159,8 +163,11 @@ def final_state(flow_name: str, summary: dict):
 @flow(name="reconcile-shard", log_prints=True, persist_result=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
 def reconcile_shard(clusters: list[str], source: Optional[DefinitionsSource] = None, dry_run: bool = False,
                     batch_size: int = 50, max_workers: int = 8, idempotency_key: Optional[str] = None,
-                    shard: str = "", api_shares: dict[str, int] = {}):  # noqa: B006
-    """One shard of a fleet sweep: the named clusters, under this shard's share of the API limits."""
+                    shard: str = "", api_shares: dict[str, int] = {}, now: Optional[datetime] = None):  # noqa: B006
+    """One shard of a fleet sweep: the named clusters, under this shard's share of the API limits.
+
+    Repairs wait for each cluster's maintenance window (``now``: as at that time); a deferred repair
+    gets a follow-up run of this shard at the window's opening."""
     t0 = time.monotonic()
     defs, _ = load_definitions(source or default_source())
     guard = install_guard(str(this_run.get_id() or ""), RemovalGuard(pin(source or default_source())[0], defs))
@@ -169,12 +176,13 @@ def reconcile_shard(clusters: list[str], source: Optional[DefinitionsSource] = N
     desired = [r.resolve(n) for n in clusters if n in defs.clusters]
     outcomes = [Outcome(n, Status.SKIPPED, reason="no longer in the definitions") for n in gone]
     key = run_key(idempotency_key)
+    win = WindowGate(defs, flow="reconcile-shard", actor=DEFAULT_ACTOR, dry_run=dry_run, now=now)
     with api_share(api_shares) if api_shares else nullcontext():
-        outcomes += _sweep(desired, dry_run, key, batch_size, max_workers)
+        outcomes += _sweep(desired, dry_run, key, batch_size, max_workers, win)
     seconds = time.monotonic() - t0
     publish("reconcile-shard", outcomes, dry_run=dry_run,
-            extra_md=f"Shard {shard}: {len(outcomes)} clusters in {seconds:.1f}s.\n\n{guard.markdown()}")
-    summary = summarise(outcomes, shard=shard, seconds=round(seconds, 1))
+            extra_md=f"Shard {shard}: {len(outcomes)} clusters in {seconds:.1f}s.\n\n{guard.markdown()}\n\n" + win.finish())
+    summary = summarise(outcomes, shard=shard, seconds=round(seconds, 1), windows=win.record())
     counts = ", ".join(f"{k}={v}" for k, v in sorted(summary["counts"].items()))
     drift = summary["counts"].get(Status.DRIFT.value, 0)
     bad = sum(summary["counts"].get(s.value, 0) for s in PROBLEMS)
@@ -207,7 +215,7 @@ def _running_sweep():
 
 def _run_shards(names: list[str], *, source, dry_run: bool, batch_size: int, max_workers: int, key: str,
                 shard_size: int, parallel_shards: int, shard_retries: int, apis: set[str],
-                poll_seconds: float, timeout_seconds: float) -> tuple[dict, list[dict]]:
+                poll_seconds: float, timeout_seconds: float, now=None) -> tuple[dict, list[dict]]:
     """Run every shard as a deployment run, wait for all, re-submit crashed ones; the merged summary."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -227,7 +235,8 @@ def _run_shards(names: list[str], *, source, dry_run: bool, batch_size: int, max
                             idempotency_key=f"{key}-shard-{i + 1}-attempt-{rows[i]['attempts']}",
                             parameters={"clusters": chunks[i], "source": source, "dry_run": dry_run,
                                         "batch_size": batch_size, "max_workers": max_workers,
-                                        "idempotency_key": key, "shard": rows[i]["shard"], "api_shares": shares})
+                                        "idempotency_key": key, "shard": rows[i]["shard"], "api_shares": shares,
+                                        **({"now": now.isoformat()} if now else {})})
         rows[i]["runs"].append(str(fr.id))
         return str(fr.id)
 
@@ -286,8 +295,11 @@ def _shards_md(rows: list[dict]) -> str:
 def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSource] = None,  # noqa: B006
                     batch_size: int = 50, max_workers: int = 8, dry_run: bool = False,
                     shard_size: int = 500, parallel_shards: int = 3, shard_retries: int = 1,
-                    shard_timeout_seconds: float = 3600.0):
+                    shard_timeout_seconds: float = 3600.0, now: Optional[datetime] = None):
     """Sweep the fleet for drift in shards; report or correct each cluster by its drift mode; one summary artifact.
+
+    It observes and reports at any time; a repair waits for the cluster's maintenance window (deferred,
+    with a follow-up run at the window's opening). ``now`` evaluates the windows as at that time.
 
     ``shard_size``: clusters per shard run (0: no shards). ``parallel_shards``: how many shards are
     expected to run at once (each holds 1/parallel_shards of every API's limit; more wait).
@@ -314,7 +326,7 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
         summary, rows = _run_shards(names, source=src, dry_run=dry_run, batch_size=batch_size,
                                     max_workers=max_workers, key=key, shard_size=shard_size,
                                     parallel_shards=parallel_shards, shard_retries=shard_retries, apis=apis,
-                                    poll_seconds=2.0, timeout_seconds=shard_timeout_seconds)
+                                    poll_seconds=2.0, timeout_seconds=shard_timeout_seconds, now=now)
         retried = f" {len(summary['retried_shards'])} shard(s) re-run after a crash: " \
                   f"{', '.join(summary['retried_shards'])}." if summary["retried_shards"] else ""
         publish_summary("reconcile-fleet", summary, dry_run=dry_run,
@@ -323,11 +335,13 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
     else:
         desired = [r.resolve(n) for n in names]
         shares = {api: share_of(api, 1) for api in _apis(desired)}
+        win = WindowGate(defs, flow="reconcile-fleet", actor=DEFAULT_ACTOR, dry_run=dry_run, now=now)
         with api_share(shares):
-            outcomes = _sweep(desired, dry_run, key, batch_size, max_workers)
+            outcomes = _sweep(desired, dry_run, key, batch_size, max_workers, win)
         publish("reconcile-fleet", outcomes, dry_run=dry_run,
                 extra_md=f"Swept {len(outcomes)} clusters in {time.monotonic() - t0:.1f}s "
-                         f"({math.ceil(len(outcomes) / batch_size)} batches of up to {batch_size}).\n\n{guard.markdown()}")
-        summary = summarise(outcomes)
+                         f"({math.ceil(len(outcomes) / batch_size)} batches of up to {batch_size}).\n\n{guard.markdown()}"
+                         "\n\n" + win.finish())
+        summary = summarise(outcomes, windows=win.record())
     log.info("fleet: %s", ", ".join(f"{k}={v}" for k, v in sorted(summary["counts"].items())))
     return final_state("reconcile-fleet", summary)

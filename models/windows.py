@@ -32,9 +32,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 UTC = timezone.utc
 HORIZON_DAYS = 400  # how far ahead a next window is looked for
+SHORT_DAYS = 8  # looked at first (most answers are within a week), then 40 days, then HORIZON_DAYS
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
 _TIME = re.compile(r"^([01]?[0-9]|2[0-3]):([0-5][0-9])$")
 _INF = float("inf")
+_NOTHING: tuple = ([], [], [])
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 # What a blackout scope blocks (as GKE's exclusion scopes): `all` blocks every change; `minor-upgrades`
 # blocks Kubernetes minor upgrades of the control plane and node pools; `node-upgrades` blocks those and
@@ -60,6 +63,7 @@ def blocks(scope: str, kind: str) -> bool:
 
 # --------------------------------------------------------------------------- parsing
 
+@functools.lru_cache(maxsize=4096)
 def parse_duration(text: str) -> timedelta:
     """``4h``, ``90m``, ``1h30m``, ``2d`` (a day is 24 elapsed hours). Raises ValueError."""
     m = _DURATION.match(text.strip()) if isinstance(text, str) else None
@@ -105,23 +109,26 @@ def zone(name: str) -> ZoneInfo:
 
 def to_utc(local: datetime, tz: ZoneInfo) -> datetime:
     """A naive wall-clock time in ``tz`` as an aware UTC instant (gap: first instant after it; repeat: fold=0)."""
-    first = local.replace(tzinfo=tz, fold=0).astimezone(UTC)
-    if first.astimezone(tz).replace(tzinfo=None) == local:
-        return first
-    # In a gap: fold=0 reads it with the offset before the change (too late), fold=1 with the offset
-    # after it (too early); the change itself lies between. Find it to the second.
-    lo = int(local.replace(tzinfo=tz, fold=1).astimezone(UTC).timestamp())
-    hi = int(first.timestamp())
-    if lo > hi:
-        lo, hi = hi, lo
-    off = datetime.fromtimestamp(lo, UTC).astimezone(tz).utcoffset()
+    return datetime.fromtimestamp(utc_ts(local, tz), UTC)
+
+
+def utc_ts(local: datetime, tz: ZoneInfo) -> float:
+    """:func:`to_utc` as a timestamp. PEP 495: ``fold=0`` reads a wall time with the offset before a
+    change, ``fold=1`` with the offset after it; they differ only in a gap or a repeat."""
+    before = tz.utcoffset(local)
+    after = tz.utcoffset(local.replace(fold=1))
+    wall = local.replace(tzinfo=UTC).timestamp()
+    if before >= after:  # an ordinary time, or a repeat (the first occurrence: the offset before the change)
+        return wall - before.total_seconds()
+    # a gap: the change happened between wall-after and wall-before; find the instant to the second
+    lo, hi = int(wall - after.total_seconds()), int(wall - before.total_seconds())
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if datetime.fromtimestamp(mid, UTC).astimezone(tz).utcoffset() == off:
+        if datetime.fromtimestamp(mid, UTC).astimezone(tz).utcoffset() == before:
             lo = mid
         else:
             hi = mid
-    return datetime.fromtimestamp(hi, UTC)
+    return float(hi)
 
 
 def rrule_parts(text: str) -> dict[str, str]:
@@ -198,14 +205,45 @@ def _occurrences(rrule: str, start: str, duration: str, tzname: str, since: date
     h, m = parse_time_of_day(start)
     lo = datetime.combine(day0 - timedelta(days=dur.days + 2), time(0, 0))
     hi = datetime.combine(day0 + timedelta(days=days), time(0, 0))
-    dtstart = datetime.combine(since, time(h, m)) if since else lo.replace(hour=h, minute=m)
-    rule = rrulestr(rrule, dtstart=dtstart)
     secs = dur.total_seconds()
+    at = time(h, m)
+    off = _steady_offset(tz, lo, hi + timedelta(days=1))  # the last day's occurrence starts after hi
+    if "UNTIL=" not in rrule.upper() and off is not None:
+        # the common case: the days do not depend on the time of day (one expansion shared by every start
+        # time and zone) and the zone's offset does not change in the range (plain arithmetic)
+        base = h * 3600 + m * 60 - off - _EPOCH_ORDINAL * 86400
+        return tuple((o * 86400 + base, o * 86400 + base + secs) for o in _days(rrule, since, lo.date(), hi.date()))
+    if "UNTIL=" in rrule.upper():  # UNTIL compares date and time: expand with the real start time
+        dtstart = datetime.combine(since, at) if since else lo.replace(hour=h, minute=m)
+        locals_ = rrulestr(rrule, dtstart=dtstart).between(lo, hi, inc=True)
+    else:
+        locals_ = [datetime.combine(date.fromordinal(o), at) for o in _days(rrule, since, lo.date(), hi.date())]
     out = []
-    for local in rule.between(lo, hi, inc=True):
-        s = to_utc(local, tz).timestamp()
+    for local in locals_:
+        s = utc_ts(local, tz)
         out.append((s, s + secs))
     return tuple(out)
+
+
+def _steady_offset(tz: ZoneInfo, lo: datetime, hi: datetime) -> float | None:
+    """The zone's UTC offset in seconds if it is the same all through [lo, hi], else None.
+
+    Judged from both ends and the middle, so only for ranges shorter than any two changes can be
+    apart (the shortest in use, Morocco's Ramadan pause, is about a month)."""
+    if hi - lo > timedelta(days=20):
+        return None
+    a, b, c = tz.utcoffset(lo), tz.utcoffset(lo + (hi - lo) / 2), tz.utcoffset(hi)
+    return a.total_seconds() if a == b == c else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _days(rrule: str, since: date | None, lo: date, hi: date) -> tuple[int, ...]:
+    """The days (ordinals) in [lo, hi] on which ``rrule`` (counted from ``since``, or from ``lo``) has an occurrence."""
+    from dateutil.rrule import rrulestr
+
+    start = datetime.combine(since or lo, time(0, 0))
+    return tuple(d.toordinal() for d in rrulestr(rrule, dtstart=start).between(
+        datetime.combine(lo, time(0, 0)), datetime.combine(hi, time(0, 0)), inc=True))
 
 
 def _merge(intervals) -> list[tuple[float, float]]:
@@ -257,8 +295,12 @@ def parse_ics(text: str):
     return cal
 
 
+def _ics_spans(text: str, tzname: str, scope: str, origin: str, day0: date, days: int) -> list[BlackoutSpan]:
+    return [BlackoutSpan(s, e, name, reason, scope, tzname, origin) for s, e, name, reason in _ics_events(text, tzname, day0, days)]
+
+
 @functools.lru_cache(maxsize=4096)
-def _ics_spans(text: str, tzname: str, scope: str, origin: str, day0: date, days: int) -> tuple[BlackoutSpan, ...]:
+def _ics_events(text: str, tzname: str, day0: date, days: int) -> tuple[tuple[float, float, str, str], ...]:
     import recurring_ical_events
 
     cal = parse_ics(text)
@@ -278,8 +320,8 @@ def _ics_spans(text: str, tzname: str, scope: str, origin: str, day0: date, days
             continue
         name = str(ev.get("SUMMARY", "") or "calendar event")
         reason = str(ev.get("DESCRIPTION", "") or name)
-        out.append(BlackoutSpan(s, e, name, reason, scope, tzname, origin))
-    return tuple(sorted(out, key=lambda b: (b.start, b.end)))
+        out.append((s, e, name, reason))
+    return tuple(sorted(out))
 
 
 def _instant(v, tz: ZoneInfo) -> float:
@@ -287,7 +329,7 @@ def _instant(v, tz: ZoneInfo) -> float:
     if not isinstance(v, datetime):
         v = datetime.combine(v, time(0, 0))
     if v.tzinfo is None:
-        return to_utc(v, tz).timestamp()
+        return utc_ts(v, tz)
     return v.timestamp()
 
 
@@ -368,7 +410,8 @@ class Schedule:
     """A cluster's windows and blackouts, ready to answer questions about instants.
 
     ``maintenance`` is a :class:`models.maintenance.DesiredMaintenance` (or None: always open);
-    ``calendars`` maps a calendar's file to its text.
+    ``calendars`` maps a calendar's file to its text. Questions look SHORT_DAYS ahead first and
+    the whole HORIZON_DAYS only when that finds nothing.
     """
 
     def __init__(self, maintenance, calendars: dict[str, str] | None = None):
@@ -378,6 +421,7 @@ class Schedule:
         self.rules = tuple(WindowRule(w.rrule, w.start, w.duration, w.timezone, w.since, w.name, w.origin)
                            for w in (maintenance.windows if maintenance is not None else ()))
         self.always_open = not self.rules
+        self._reach = max((parse_duration(r.duration).days for r in self.rules), default=0) + 2
         self._cache: dict = {}
 
     @property
@@ -385,13 +429,24 @@ class Schedule:
         m = self.m
         return m is None or (self.always_open and not m.blackouts and not m.calendars)
 
-    # -- raw material, per query day
+    # -- raw material, per query day and horizon
     def windows(self, day0: date, days: int = HORIZON_DAYS) -> list[tuple[float, float]]:
+        return self._windows(day0, days)[0]
+
+    def _windows(self, day0: date, days: int):
         key = ("w", day0, days)
-        if key not in self._cache:
-            occ = [o for r in self.rules for o in _occurrences(r.rrule, r.start, r.duration, r.timezone, r.since, day0, days)]
-            self._cache[key] = occ if len(self.rules) == 1 else _merge(occ)
-        return self._cache[key]
+        hit = self._cache.get(key)
+        if hit is None:
+            if self.always_open:
+                occ = [(-_INF, _INF)]
+            elif len(self.rules) == 1:
+                r = self.rules[0]
+                occ = _occurrences(r.rrule, r.start, r.duration, r.timezone, r.since, day0, days)
+            else:
+                occ = _merge(o for r in self.rules for o in _occurrences(r.rrule, r.start, r.duration, r.timezone,
+                                                                        r.since, day0, days))
+            hit = self._cache[key] = (occ, [e for _, e in occ])
+        return hit
 
     def blackouts(self, day0: date, days: int = HORIZON_DAYS) -> list[BlackoutSpan]:
         key = ("b", day0, days)
@@ -401,51 +456,66 @@ class Schedule:
             if m is not None:
                 for b in m.blackouts:
                     tz = zone(b.timezone)
-                    spans.append(BlackoutSpan(to_utc(b.from_, tz).timestamp(), to_utc(b.to, tz).timestamp(),
-                                              b.name, b.reason, b.scope, b.timezone, b.origin))
+                    spans.append(BlackoutSpan(utc_ts(b.from_, tz), utc_ts(b.to, tz), b.name, b.reason, b.scope,
+                                              b.timezone, b.origin))
                 for c in m.calendars:
-                    spans.extend(_ics_spans(self.calendars[c.file], c.timezone, c.scope, c.origin, day0, days))
+                    spans.extend(_ics_spans(self.calendars[c.file], c.timezone, c.scope, c.origin, day0,
+                                            days + self._reach))
             self._cache[key] = sorted(spans, key=lambda s: (s.start, s.end))
         return self._cache[key]
 
-    def _blocking(self, day0: date, kind: str) -> tuple[list[tuple[float, float]], list[BlackoutSpan]]:
-        key = ("k", day0, kind)
+    def _blocking(self, day0: date, kind: str, days: int = HORIZON_DAYS):
+        key = ("k", day0, kind, days)
         if key not in self._cache:
-            spans = [s for s in self.blackouts(day0) if blocks(s.scope, kind)]
-            self._cache[key] = (_merge((s.start, s.end) for s in spans), spans)
+            if not self.m.blackouts and not self.m.calendars:
+                return _NOTHING
+            spans = [s for s in self.blackouts(day0, days) if blocks(s.scope, kind)]
+            merged = _merge((s.start, s.end) for s in spans)
+            self._cache[key] = (merged, [e for _, e in merged], spans)
         return self._cache[key]
 
     # -- questions
-    def free(self, at: float, kind: str = "change", until: float | None = None):
+    def free(self, at: float, kind: str = "change", until: float | None = None, days: int = HORIZON_DAYS,
+             day0: date | None = None):
         """Open stretches (windows minus the blackouts that block ``kind``) from ``at``, in order."""
-        day0 = datetime.fromtimestamp(at, UTC).date()
-        until = at + HORIZON_DAYS * 86400 if until is None else until
-        occ = [(-_INF, _INF)] if self.always_open else self.windows(day0)
-        bl, _ = self._blocking(day0, kind)
-        starts = [e for _, e in occ]
-        i = bisect.bisect_right(starts, at)
-        ends = [e for _, e in bl]
-        for s, e in occ[i:]:
-            s = max(s, at)
+        day0 = day0 or datetime.fromtimestamp(at, UTC).date()
+        until = at + days * 86400 if until is None else until
+        occ, ends_w = self._windows(day0, days)
+        bl, ends, _ = self._blocking(day0, kind, days)
+        nbl = len(bl)
+        for s, e in occ[bisect.bisect_right(ends_w, at):]:
+            if s < at:
+                s = at
             if s >= until:
                 return
+            if not nbl:
+                yield s, e
+                continue
             j = bisect.bisect_right(ends, s)
             while s < e:
-                if j < len(bl) and bl[j][0] <= s:  # inside a blackout: skip past it
+                if j < nbl and bl[j][0] <= s:  # inside a blackout: skip past it
                     s = max(s, bl[j][1])
                     j += 1
                     continue
-                stop = min(e, bl[j][0]) if j < len(bl) else e
+                stop = min(e, bl[j][0]) if j < nbl else e
                 if stop > s:
                     yield s, stop
                 s = stop
 
+    def _scan(self, at: float, kind: str, need: float, day0: date):
+        """(the first open stretch from ``at``, the first one with ``need`` seconds in it as an Opening)."""
+        first = None
+        for days in (SHORT_DAYS, 40, HORIZON_DAYS):
+            for s, e in self.free(at, kind, days=days, day0=day0):
+                if first is None:
+                    first = (s, e)
+                if e - s >= need and e > s:
+                    return first, Opening(s, e, self.timezone)
+        return first, None
+
     def next_opening(self, at: float, kind: str = "change", need: float = 0.0) -> Opening | None:
         """The first stretch from ``at`` with at least ``need`` seconds left in it."""
-        for s, e in self.free(at, kind):
-            if e - s >= need and e - s > 0:
-                return Opening(s, e, self.timezone)
-        return None
+        return self._scan(at, kind, need, datetime.fromtimestamp(at, UTC).date())[1]
 
     def decide(self, at: float, action: str = "component.install", need: float = 0.0) -> Decision:
         """May a step ``action`` that takes about ``need`` seconds start at ``at``?"""
@@ -453,31 +523,23 @@ class Schedule:
             return Decision(True)
         kind = kind_of(action)
         day0 = datetime.fromtimestamp(at, UTC).date()
-        nxt = self.next_opening(at, kind, need)
+        first, nxt = self._scan(at, kind, need, day0)
         if nxt is not None and nxt.start <= at:
             return Decision(True, closes=nxt.end)
-        _, spans = self._blocking(day0, kind)
+        merged, _, spans = self._blocking(day0, kind, SHORT_DAYS)
         hits = [s for s in spans if s.start <= at < s.end]
         if hits:
             b = max(hits, key=lambda s: s.end)
-            until = self._blackout_end(at, kind, b.end)
+            until = next((e for s, e in merged if s <= at < e), b.end)
             reason = f"blackout '{b.name}' until {fmt(until, b.timezone)}"
             extra = f" (scope {b.scope}, from {b.origin}" + (f": {b.reason}" if b.reason != b.name else "") + ")"
             return Decision(False, reason + extra, "blackout", nxt)
-        cur = next(iter(self.free(at, kind, until=at + 1)), None)
-        if cur is not None and cur[0] <= at:
+        if first is not None and first[0] <= at:
             return Decision(False, f"{action} takes about {format_duration(timedelta(seconds=need))}, but the window "
-                                   f"closes at {fmt(cur[1], self.timezone)} (in {format_duration(timedelta(seconds=cur[1] - at))})",
+                                   f"closes at {fmt(first[1], self.timezone)} (in {format_duration(timedelta(seconds=first[1] - at))})",
                             "estimate", nxt)
         rules = "; ".join(r.describe() for r in self.rules)
         return Decision(False, f"outside its maintenance window ({rules})", "window", nxt)
-
-    def _blackout_end(self, at: float, kind: str, end: float) -> float:
-        bl, _ = self._blocking(datetime.fromtimestamp(at, UTC).date(), kind)
-        for s, e in bl:
-            if s <= at < e:
-                return e
-        return end
 
     def occurrences(self, since: float, until: float) -> list[Opening]:
         """The raw window occurrences overlapping [since, until) (blackouts not taken off)."""

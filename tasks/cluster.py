@@ -182,12 +182,14 @@ def drift_lines(observed: ObservedCluster, p: Plan) -> list[str]:
 
 def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
              step_filter: Callable[[Step], bool] | None = None, lock_timeout: float | None = None,
-             versions_matter: bool = True) -> Outcome:
+             versions_matter: bool = True, guard: Callable[[Step], str | None] | None = None) -> Outcome:
     """Observe, plan and (unless ``dry_run``) apply one cluster's steps under its lock, then verify.
 
     ``versions_matter=False`` (a flow that only touches components or workspaces) lets a refused
     Kubernetes version change stand aside instead of stopping the run, and skips clusters that do not
-    exist yet (reported as ``absent``: creating them will include the change).
+    exist yet (reported as ``absent``: creating them will include the change). ``guard(step)`` (the
+    maintenance windows, ``flows.windows``) returns why a step may not start now: the cluster is then
+    ``deferred`` with that reason, before the step and before anything after it.
     """
     t0 = time.monotonic()
     log = _log()
@@ -206,13 +208,19 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
                            seconds=time.monotonic() - t0)
         if not steps:
             return Outcome(desired.name, Status.IN_SYNC, [], seconds=time.monotonic() - t0)
+        if guard is not None and (why := guard(steps[0])):
+            return Outcome(desired.name, Status.DEFERRED, rows, drift=drift_lines(observed, p), reason=why,
+                           seconds=time.monotonic() - t0)
         if dry_run:
             return Outcome(desired.name, Status.PLANNED, rows, drift=drift_lines(observed, p), seconds=time.monotonic() - t0)
         with cluster_lock(desired.name, timeout_seconds=lock_timeout):
             observed = observe_cluster(desired)  # another run may have changed it while we waited
             p = plan(desired, observed)
             steps = [s for s in p.steps if keep(s)]
-            for s in steps:
+            for i, s in enumerate(steps):
+                if guard is not None and (why := guard(s)):  # the window closes before this step could finish
+                    return Outcome(desired.name, Status.DEFERRED, rows, done, reason=f"{i} of {len(steps)} steps done; {why}",
+                                   seconds=time.monotonic() - t0)
                 done.append(apply_step(desired, s, idempotency_key))
                 if s.action in ("controlPlane.upgrade", "nodePool.upgrade"):
                     health_gate(desired, s)

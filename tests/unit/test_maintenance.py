@@ -375,3 +375,36 @@ def test_cli_windows_prints_local_and_utc():
                                  "--days", "1"])
     assert "2026-07-04 01:00–09:00 Europe/Berlin" in r.output and "2026-07-03 23:00–2026-07-04 07:00 UTC" in r.output
     assert CliRunner().invoke(app, ["windows", str(EXAMPLES), "-c", "nope"]).exit_code == 2
+
+
+# --------------------------------------------------------------------------- the flows' gate (pure parts)
+
+def test_gate_defers_per_step_and_forgets_when_allowed(example_defs):
+    from flows.windows import WindowGate
+    from models.plan import Step
+
+    store = resolve(example_defs, "edge-store-01")
+    up = Step(id="x", cluster="edge-store-01", action="controlPlane.upgrade", target="infrastructure", object="x", reason="")
+    comp = Step(id="y", cluster="edge-store-01", action="component.install", target="kubernetes", object="y", reason="")
+    gate = WindowGate(example_defs, flow="t", actor="bob", dry_run=True, now=datetime(2026, 12, 1, 5, 30, tzinfo=UTC))
+    assert gate.check(store, comp) is None  # 30 minutes left: a 5-minute step fits
+    why = gate.check(store, up)  # a 45-minute upgrade does not
+    assert why.startswith("controlPlane.upgrade takes about 45m, but the window closes at 2026-12-01 06:00 Europe/London")
+    assert "next window 2026-12-02 02:00–06:00 Europe/London (2026-12-02 02:00–06:00 UTC)" in why
+    assert gate.record()["deferred"]["edge-store-01"]["rule"] == "estimate"
+    assert gate.check(store, comp) is None and gate.record()["deferred"] == {}
+    assert gate.check(resolve(example_defs, "us-web-staging"), up) is None  # no window: always open
+
+
+def test_gate_clock_runs_on_from_now_and_needs_a_zone(example_defs):
+    from flows.windows import Clock, WindowGate
+    from models.errors import PermanentError
+
+    c = Clock(datetime(2026, 12, 24, 10, 0, tzinfo=UTC))
+    assert abs(c.now() - ts("2026-12-24T10:00:00+00:00")) < 60 and c.real(c.now()) == pytest.approx(
+        datetime.now(UTC).timestamp(), abs=60)
+    with pytest.raises(PermanentError, match="has no timezone"):
+        Clock(datetime(2026, 12, 24, 10, 0))
+    with pytest.raises(Exception, match="platform-only-clock"):  # a real run with a shifted clock
+        WindowGate(example_defs, flow="t", actor="bob", dry_run=False, now=datetime(2026, 12, 24, tzinfo=UTC))
+    WindowGate(example_defs, flow="t", actor="alice", dry_run=False, now=datetime(2026, 12, 24, tzinfo=UTC))
