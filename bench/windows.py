@@ -105,7 +105,9 @@ def main() -> None:
             print(f"windows: clusters={n} mode={mode} seconds={best:.3f} blocked={runs[0][1]}", flush=True)
     from fleetwright.results import write_section
 
-    lines = [f"Measured by `python bench/windows.py` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}: for every "
+    load = os.getloadavg()[0]
+    lines = [f"Measured by `python bench/windows.py` on {os.cpu_count()} cores (load average {load:.1f} while it ran: "
+             f"other sessions shared the machine), {time.strftime('%Y-%m-%d')}: for every "
              "cluster, may a 45-minute control-plane upgrade start now, and if not, the blocking rule and the next "
              "opening long enough for it (windows minus blackouts and calendar events). Best of 3, cold caches, "
              "pure core only (the merged maintenance of each cluster is given; load and resolve are in the core "
