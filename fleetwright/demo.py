@@ -98,10 +98,9 @@ def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
     # A VM's static IP and a bare-metal host are real SSH hosts here: start them for the clusters the
     # demo creates (one spare VM address for scaling) and for every metal host, so the sweep can see
     # that the other metal clusters are simply not created yet.
-    import ipaddress
+    from backends.vsphere.addresses import fresh_addresses
 
-    addrs = [m.address for m in resolve(defs, VSPHERE_CLUSTER).machines]
-    addrs.append(str(ipaddress.IPv4Address(addrs[-1]) + 1))
+    addrs = fresh_addresses(resolve(defs, VSPHERE_CLUSTER), spare=1)
     addrs += [h.address for c in defs.clusters.values() if c.spec.backend.type == "metal" for h in c.spec.backend.hosts]
     for a in addrs:
         hosts.ensure_host(cfg, a)

@@ -21,12 +21,16 @@ class _Frozen(BaseModel):
 
 
 class Machine(_Frozen):
-    """A VM (vSphere) or host (metal) with a fixed name and static address."""
+    """A VM (vSphere) or host (metal) with a fixed name and static address.
+
+    ``address`` is None for a vSphere VM in the desired state: the backend allocates it once from the
+    cluster's ipPool and records it on the VM (``backends.vsphere.addresses``).
+    """
 
     name: str
     role: Literal["controlPlane", "worker"]
     pool: str | None = None
-    address: str
+    address: str | None = None
     cpu: int | None = None
     memory_mib: int | None = None
 

@@ -197,17 +197,15 @@ class Resolver:
             if size <= 0 or need > size:
                 raise _Fail(*ckey, ("spec", "backend", "ipPool"),
                             f"has {max(size, 0)} addresses, but the control plane and node pools (at maxSize) need {need}")
-            out, cursor = [], int(start)
-            for i in range(cp.replicas):
-                out.append(construct(Machine, name=f"{name}-cp-{i}", role="controlPlane", address=_ip(cursor + i),
-                                   cpu=cp.machine.get("cpu"), memory_mib=cp.machine.get("memoryMiB")))
-            cursor += cp.replicas
-            for p in pools:  # each pool owns a block of maxSize addresses, so scaling never moves a machine
-                for i in range(p.replicas):
-                    out.append(construct(Machine, name=f"{name}-{p.name}-{i}", role="worker", pool=p.name,
-                                       address=_ip(cursor + i),
-                                       cpu=p.machine.get("cpu"), memory_mib=p.machine.get("memoryMiB")))
-                cursor += p.max_size
+            # no address here: the vSphere backend allocates each VM's address once from the pool and
+            # records it on the VM (stable across changes of replicas and maxSize)
+            out = [construct(Machine, name=f"{name}-cp-{i}", role="controlPlane", address=None,
+                             cpu=cp.machine.get("cpu"), memory_mib=cp.machine.get("memoryMiB"))
+                   for i in range(cp.replicas)]
+            for p in pools:
+                out += [construct(Machine, name=f"{name}-{p.name}-{i}", role="worker", pool=p.name, address=None,
+                                  cpu=p.machine.get("cpu"), memory_mib=p.machine.get("memoryMiB"))
+                        for i in range(p.replicas)]
             return out
         if backend.type == "metal":
             cps = [h for h in backend.hosts if h.role == "controlPlane"]
@@ -422,10 +420,6 @@ class Resolver:
                     role=team.spec.role, groups=list(team.spec.groups), members=list(team.spec.members))
             out.append(ws)
         return out
-
-
-def _ip(n: int) -> str:
-    return f"{n >> 24 & 255}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
 
 
 def placed(team, cluster: Cluster) -> bool:

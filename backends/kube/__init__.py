@@ -64,26 +64,29 @@ Kubernetes 1.20 quirk: server-side apply there rejects ``Service.spec.ports`` an
 ``ports`` entries without ``protocol`` (part of the list key); the backend fills in the API
 server's own default ``TCP`` before applying, which does not change what the object means.
 
-Layout (one module per service, as CAPA's ``pkg/cloud/services``): :mod:`.client` (one
-``ApiClient`` per cluster, requests, discovery), :mod:`.apply`, :mod:`.drift` (field drift and
-``observe``), :mod:`.inventory` (inventories, prune, remove, ``delete``), :mod:`.errors`, and
-:mod:`.objects` (the marks and keys they share). ``KubeBackend`` is their composition.
+Layout (one module per service, as CAPA's ``pkg/cloud/services``): :mod:`.client` (one shared
+``ApiClient`` per cluster endpoint and credentials, requests, discovery), :mod:`.apply`,
+:mod:`.drift` (field drift and ``observe``), :mod:`.inventory` (inventories, prune, remove,
+``delete``), :mod:`.drain` (cordon, drain by eviction, delete Nodes: used by the infrastructure
+backends before they remove a machine), :mod:`.errors`, and :mod:`.objects` (the marks and keys
+they share). ``KubeBackend`` is their composition.
 """
 from __future__ import annotations
 
 from .apply import Applier
-from .client import Client, api_client
+from .client import Client, api_client, close_clients, shared_client
+from .drain import Drainer
 from .drift import Observer, object_drift
 from .errors import StaleObject, map_error
 from .inventory import Inventory
 from .objects import (INVENTORY_KEY, INVENTORY_LABEL, SYSTEM_NAMESPACES, VERSION_ANNOTATION, group_of, prepare,
                       ref_str)
 
-__all__ = ["KubeBackend", "api_client", "object_drift", "map_error", "StaleObject", "prepare", "ref_str", "group_of",
+__all__ = ["KubeBackend", "api_client", "shared_client", "close_clients", "object_drift", "map_error", "StaleObject", "prepare", "ref_str", "group_of",
            "INVENTORY_KEY", "INVENTORY_LABEL", "SYSTEM_NAMESPACES", "VERSION_ANNOTATION"]
 
 
-class KubeBackend(Applier, Observer, Inventory, Client):
+class KubeBackend(Applier, Observer, Inventory, Drainer, Client):
     """Components and workspaces in one cluster, by server-side apply (see the module docstring)."""
 
     kind = "kube"

@@ -79,6 +79,37 @@ def _compare(d: Any, live: Any, path: str, out: list, ref: str, quantities: bool
         out.append(FieldDrift(path=f"{ref}:{path}", desired=d, observed=None if live is _MISSING else live))
 
 
+REDACTED = "(redacted)"
+
+
+def _decoded(value: Any) -> bytes | None:
+    try:
+        return base64.b64decode(value, validate=False) if isinstance(value, str) else None
+    except (ValueError, TypeError):
+        return None
+
+
+def _secret_drift(ref: str, key: str, value: Any, live_data: Any) -> list[FieldDrift]:
+    """Which keys of a Secret's ``data``/``stringData`` differ from the live ``data``; never the values.
+
+    ``observed`` is None when the key is missing from the live Secret, else :data:`REDACTED`.
+    """
+    live_data = live_data if isinstance(live_data, dict) else {}
+    if not isinstance(value, dict):
+        return [FieldDrift(path=f"{ref}:{key}", desired=REDACTED, observed=REDACTED if live_data else None)]
+    out = []
+    for k, v in value.items():
+        have = live_data.get(k)
+        if key == "stringData":
+            same = have is not None and _decoded(have) == (v if isinstance(v, str) else str(v)).encode()
+        else:
+            same = have is not None and (have == v or (_decoded(have) is not None and _decoded(have) == _decoded(v)))
+        if not same:
+            out.append(FieldDrift(path=f"{ref}:{_join(key, k)}", desired=REDACTED,
+                                  observed=None if have is None else REDACTED))
+    return out
+
+
 def object_drift(desired: dict, live: dict | None) -> list[FieldDrift]:
     """Every field fleetwright sets in ``desired`` whose live value differs, as ``Kind/ns/name:field.path``.
 
@@ -86,8 +117,8 @@ def object_drift(desired: dict, live: dict | None) -> list[FieldDrift]:
     fleetwright's own hash/version annotations, which ``observe`` reads from the inventory);
     server-set fields and defaults are therefore ignored. Quantities under ``hard``/``limits``/
     ``requests``/``default``... compare by value (``1000m`` == ``1``); a Secret's ``stringData``
-    is compared with the live base64 ``data``. A missing object is one drift with
-    ``observed=None``.
+    is compared with the live base64 ``data``. A Secret's values never appear in a drift: only which
+    key differs (:data:`REDACTED`). A missing object is one drift with ``observed=None``.
     """
     ref = ref_str(desired)
     if live is None:
@@ -105,20 +136,11 @@ def object_drift(desired: dict, live: dict | None) -> list[FieldDrift]:
     for key, value in desired.items():
         if key in ("apiVersion", "kind", "metadata", "status"):
             continue
-        if kind == "Secret" and key == "stringData" and isinstance(value, dict):
-            data = live.get("data") or {}
-            for k, v in value.items():
-                have = data.get(k)
-                try:
-                    have = base64.b64decode(have).decode() if have is not None else None
-                except (ValueError, UnicodeDecodeError):
-                    pass
-                if have != v:
-                    out.append(FieldDrift(path=f"{ref}:{_join('stringData', k)}", desired=v, observed=have))
+        if kind == "Secret" and key in ("data", "stringData"):
+            out.extend(_secret_drift(ref, key, value, live.get("data")))
             continue
         _compare(value, live.get(key, _MISSING), _join("", key), out, ref, quantities, key)
     return out
-
 
 
 class Observer:

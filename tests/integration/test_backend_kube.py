@@ -479,3 +479,42 @@ def test_12_helm_component_is_applied_as_flux_objects(backend, base, files, admi
     [d] = backend.observe(with_helm).components["podinfo"].drift
     assert (d.path, d.desired, d.observed) == ("HelmRelease/podinfo/podinfo:spec.values.replicaCount", 2, 5)
     converge(backend, base)
+
+
+# --------------------------------------------------------------------------- 13: Secret values never shown
+
+
+SECRET = ("      - apiVersion: v1\n        kind: Secret\n        metadata: {name: acme-account}\n"
+          "        stringData: {apiKey: s3cr3t-desired-0451, user: acme}\n")
+
+
+def test_13_a_changed_secret_shows_its_key_never_its_value(backend, base, files, admin, caplog):
+    """E1: a Secret edited in the cluster is drift by key; no value in the drift, the plan, the step, the logs."""
+    import base64
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    with_secret = desired_of(files, ("components/cert-manager.yaml", "    manifests:\n", "    manifests:\n" + SECRET))
+    converge(backend, with_secret)
+    core = client.CoreV1Api(admin)
+    live = core.read_namespaced_secret("acme-account", "cert-manager")
+    assert base64.b64decode(live.data["apiKey"]).decode() == "s3cr3t-desired-0451"
+    core.patch_namespaced_secret("acme-account", "cert-manager",
+                                 {"data": {"apiKey": base64.b64encode(b"l1ve-changed-9876").decode()}})
+    observed = backend.observe(with_secret)
+    drift = observed.components["cert-manager"].drift
+    assert [(d.path, d.desired, d.observed) for d in drift] == [
+        ("Secret/cert-manager/acme-account:stringData.apiKey", "(redacted)", "(redacted)")]
+    p = cluster_plan(backend, with_secret)
+    assert actions(p) == [("component.configure", "cert-manager")]
+    r = backend.apply(with_secret, p.steps[0])
+    assert r.changed
+    shown = " ".join([observed.model_dump_json(), p.model_dump_json() if hasattr(p, "model_dump_json") else repr(p),
+                      " ".join(s.reason for s in p.steps), repr(r), caplog.text])
+    for value in ("s3cr3t-desired-0451", "l1ve-changed-9876", base64.b64encode(b"s3cr3t-desired-0451").decode(),
+                  base64.b64encode(b"l1ve-changed-9876").decode()):
+        assert value not in shown, value
+    live = core.read_namespaced_secret("acme-account", "cert-manager")
+    assert base64.b64decode(live.data["apiKey"]).decode() == "s3cr3t-desired-0451"  # repaired
+    assert cluster_plan(backend, with_secret).empty
+    converge(backend, base)

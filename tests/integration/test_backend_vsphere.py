@@ -1,5 +1,8 @@
 """The vSphere backend against vcsim plus real SSH hosts at the VMs' static IPs (cluster dc1-web-dev).
 
+Scaling down drains the leaving node through the cluster's API first (Pods bound to it by
+``spec.nodeName``; a PodDisruptionBudget blocks the drain and the VM stays).
+
 vcsim has no guests, so the test environment starts an SSH host at each VM's address
 (127.0.1.20 control plane, .21 worker, .22 the worker added by scaling) with
 ``testenv.hosts.ensure_host`` before the backend bootstraps Kubernetes there with the playbooks.
@@ -193,7 +196,7 @@ def test_clone_delayed_past_the_timeout_is_transient_and_the_retry_makes_no_dupl
                                                                       "dc1-web-dev-general-1"]
 
 
-def test_upgrade_then_scale_down(env):
+def test_upgrade(env):
     b = env["backend"]
     d3 = desired(workers=2, version="1.21")
     t = time.monotonic()
@@ -206,17 +209,70 @@ def test_upgrade_then_scale_down(env):
     assert o.kubernetes_version == "1.21" and o.node_pools["general"].version == "1.21"
     assert infra_steps(b, d3, o) == []
 
+
+def _pod(name: str, node: str, labels: dict | None = None, annotations: dict | None = None) -> dict:
+    """A Pod bound to ``node``: no scheduler or kubelet here, so it stays Pending, but evictions and
+    PodDisruptionBudgets are enforced by the API server all the same (grace 0: deleted at once)."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": labels or {}, "annotations": annotations or {}},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0, "automountServiceAccountToken": False,
+                     "containers": [{"name": "c", "image": "registry.invalid/none:1"}]}}
+
+
+def test_scale_down_drains_first_and_a_pdb_blocks_it(env):
+    """A3: cordon + evict (PDBs honoured) before the VM goes; a blocking PDB leaves the VM; the Node goes last."""
+    from backends.kube import KubeBackend
+
+    b, leaving = env["backend"], "dc1-web-dev-general-1"
     d4 = desired(workers=1, version="1.21")
-    t = time.monotonic()
     steps = infra_steps(b, d4)
     assert [s.action for s in steps] == ["nodePool.scale"]
-    assert b.apply(d4, steps[0]).changed
-    TIMINGS["scale down by one"] = time.monotonic() - t
+    access = b.kube_access(d4)
+    kb = KubeBackend(access)
+    api = kube_api(access, env["tmp"])
+    for pod in (_pod("web-0", leaving, {"app": "web"}), _pod("batch-0", leaving),
+                _pod("static-0", leaving, annotations={"kubernetes.io/config.mirror": "hash"})):
+        kb._request("POST", "/api/v1/namespaces/default/pods", body=pod)
+    pdb = {"apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
+           "metadata": {"name": "web-pdb", "namespace": "default"},
+           "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}}
+    kb._request("POST", "/apis/policy/v1beta1/namespaces/default/poddisruptionbudgets", body=pdb)
+
+    impatient = VsphereBackend(env["conn"], log=env["lines"].append, drain_timeout=8, drain_poll=0.5)
+    t = time.monotonic()
+    with pytest.raises(TransientError) as e:
+        impatient.apply(d4, steps[0])
+    TIMINGS["scale down blocked by a PDB"] = time.monotonic() - t
+    msg = str(e.value)
+    assert f"drain of node {leaving}" in msg and "Pod/default/web-0" in msg and "default/web-pdb" in msg, msg
+    assert "machine is not removed" in msg
+    assert ours(env["vsphere"]) == ["dc1-web-dev-cp-0", "dc1-web-dev-general-0", leaving]  # VM kept
+    node = api.read_node(leaving)
+    assert node.spec.unschedulable is True  # cordoned
+    assert api.read_namespaced_pod("web-0", "default").metadata.deletion_timestamp is None
+    assert {p.metadata.name for p in api.list_namespaced_pod("default").items} >= {"web-0", "static-0"}
+
+    kb._request("DELETE", "/apis/policy/v1beta1/namespaces/default/poddisruptionbudgets/web-pdb")
+    env["lines"].clear()
+    t = time.monotonic()
+    r = b.apply(d4, steps[0])
+    TIMINGS["scale down by one (drain, stop, destroy, delete Node)"] = time.monotonic() - t
+    assert r.changed
+    assert r.outputs["drained"][leaving]["evicted"] in (["default/web-0"], ["default/batch-0", "default/web-0"],
+                                                        ["default/web-0", "default/batch-0"])
+    assert r.outputs["drained"][leaving]["skipped"] == ["default/static-0 (mirror pod)"]
+    assert r.outputs["nodes_deleted"] == [leaving]
+    lines = env["lines"]
+    drained = next(i for i, ln in enumerate(lines) if f"drained node {leaving}" in ln)
+    destroyed = next(i for i, ln in enumerate(lines) if f"destroying {leaving}" in ln)
+    node_gone = next(i for i, ln in enumerate(lines) if f"deleted Node {leaving}" in ln)
+    assert drained < destroyed < node_gone, lines  # evicted before the VM is gone; the Node last
     assert ours(env["vsphere"]) == ["dc1-web-dev-cp-0", "dc1-web-dev-general-0"]
-    api = kube_api(b.kube_access(d4), env["tmp"])
     assert [n.metadata.name for n in api.list_node().items] == ["dc1-web-dev-general-0"]
+    assert "web-0" not in {p.metadata.name for p in api.list_namespaced_pod("default").items}
     assert hosts.ssh(env["hosts"], W2, "test -e /etc/fleetwright/cluster", check=False).returncode == 1
     assert infra_steps(b, d4) == []
+    kb.close()
 
 
 def test_delete_leaves_nothing(env):
@@ -248,21 +304,29 @@ def test_an_unmarked_same_named_vm_is_refused(env):
         tpl = c.searchIndex.FindByInventoryPath(vs["template_path"])
         cl = c.searchIndex.FindByInventoryPath(f"{vs['datacenter']}/host/{vs['cluster']}")
         ds = next(x for x in cl.datastore if x.name == vs["datastore"])
-        task = tpl.CloneVM_Task(folder=c.searchIndex.FindByInventoryPath(f"{vs['datacenter']}/vm"),
-                                name="dc1-web-dev-general-1",
-                                spec=vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=cl.resourcePool, datastore=ds)))
-        WaitForTask(task)
-        foreign = task.info.result
+        def clone(folder: str):
+            task = tpl.CloneVM_Task(folder=c.searchIndex.FindByInventoryPath(folder), name="dc1-web-dev-general-1",
+                                    spec=vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=cl.resourcePool, datastore=ds)))
+            WaitForTask(task)
+            return task.info.result
+
+        d2 = desired(workers=2, version="1.21")
+        # elsewhere in the datacenter: no collision with ours (names are unique per folder), never touched
+        elsewhere = clone(f"{vs['datacenter']}/vm")
         try:
-            d2 = desired(workers=2, version="1.21")
-            with pytest.raises(OwnershipConflict, match="dc1-web-dev-general-1"):
-                b.observe(d2)
-            with pytest.raises(OwnershipConflict, match="dc1-web-dev-general-1"):
-                b.apply(d2, plan(d2, ObservedCluster(name=CLUSTER)).steps[0])
-            b.delete(d2)  # nothing of ours is left; the foreign VM is not touched
-            (left,) = vms_named(vs, "dc1-web-dev-general-1")
-            assert CLUSTER_KEY not in left[1]  # untouched
+            assert b.observe(d2).infrastructure is False
+            foreign = clone(f"{vs['datacenter']}/vm/{vs['folder']}")  # inside fleetwright's folder: refused
+            try:
+                with pytest.raises(OwnershipConflict, match="dc1-web-dev-general-1"):
+                    b.observe(d2)
+                with pytest.raises(OwnershipConflict, match="dc1-web-dev-general-1"):
+                    b.apply(d2, plan(d2, ObservedCluster(name=CLUSTER)).steps[0])
+                b.delete(d2)  # nothing of ours is left; the foreign VMs are not touched
+                left = vms_named(vs, "dc1-web-dev-general-1")
+                assert len(left) == 2 and all(CLUSTER_KEY not in v[1] for v in left)  # untouched
+            finally:
+                WaitForTask(foreign.Destroy_Task())
         finally:
-            WaitForTask(foreign.Destroy_Task())
+            WaitForTask(elsewhere.Destroy_Task())
     finally:
         Disconnect(si)

@@ -18,6 +18,7 @@ def onprem(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluste
 
     import testenv
     from backends.definitions import load_path
+    from backends.vsphere.addresses import fresh_addresses
     from models.resolve import resolve
     from testenv import hosts
     from testenv.connections import write_connections
@@ -27,9 +28,10 @@ def onprem(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluste
     defs = load_path(root)
     started = []
     for name in ("dc1-web-dev", "edge-lab-01"):
-        for m in resolve(defs, name).machines:  # a VM's static IP / a metal host is a real SSH host here
-            hosts.ensure_host(testenv_config, m.address)
-            started.append(m.address)
+        d = resolve(defs, name)  # a VM's static IP / a metal host is a real SSH host here
+        for a in fresh_addresses(d) if d.backend.type == "vsphere" else [m.address for m in d.machines]:
+            hosts.ensure_host(testenv_config, a)
+            started.append(a)
     env = testenv.read_env(testenv_config)
     conns = write_connections(root.parent / "connections.json", env)
     saved = {k: os.environ.get(k) for k in ("FLEETWRIGHT_CONNECTIONS", "FLEETWRIGHT_USE_BLOCKS", "FLEETWRIGHT_RETRY_BASE_SECONDS")}

@@ -6,6 +6,7 @@ import pytest
 from backends import ansible
 from backends.connections import Connections, SshConnection
 from backends.metal import MetalBackend
+from backends.vsphere.addresses import allocate
 from models.errors import InFlight, OwnershipConflict, PermanentError, TransientError
 from models.resolve import resolve
 
@@ -17,7 +18,8 @@ CONN = Connections(ssh=SshConnection(user="admin", private_key_file="/keys/id", 
 
 def test_inventory_groups_and_vars_from_the_cluster_spec(example_defs):
     d = resolve(example_defs, "dc1-web-dev")
-    inv = ansible.inventory(list(d.machines), d, CONN)["all"]
+    machines = allocate(d.name, d.backend.ip_pool, d.machines, {})  # a vSphere VM's address comes from the backend
+    inv = ansible.inventory(machines, d, CONN)["all"]
     assert set(inv["children"]["control_plane"]["hosts"]) == {"dc1-web-dev-cp-0"}
     assert set(inv["children"]["workers"]["hosts"]) == {"dc1-web-dev-general-0"}
     w = inv["children"]["workers"]["hosts"]["dc1-web-dev-general-0"]

@@ -226,6 +226,66 @@ def test_secret_string_data_compared_with_live_data():
     assert d.path == "Secret/n/s:stringData.password"
 
 
+def test_secret_drift_names_the_key_never_the_value():
+    """E1: drift of a Secret's data/stringData shows which key differs, never a value (desired or live)."""
+    values = {"password": "hunter2", "token": "tok-42", "ok": "same"}
+    enc = {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}
+    live_values = {"password": base64.b64encode(b"live-pw-9").decode(), "ok": enc["ok"]}  # token missing live
+    for field, desired_values in (("stringData", values), ("data", enc)):
+        sec = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": "n"},
+               field: desired_values}
+        drift = object_drift(sec, live_of(sec, data=live_values))
+        assert [(d.path, d.observed) for d in drift] == [
+            (f"Secret/n/s:{field}.password", "(redacted)"), (f"Secret/n/s:{field}.token", None)]
+        text = " ".join(str(d) for d in drift) + repr(drift) + json.dumps([d.model_dump() for d in drift])
+        for secret in ("hunter2", "tok-42", "live-pw-9", *enc.values(), *live_values.values()):
+            assert secret not in text, secret
+        assert object_drift(sec, live_of(sec, data={k: enc[k] for k in values})) == []
+    whole = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": "n"}, "data": "hunter2"}
+    assert "hunter2" not in str(object_drift(whole, live_of(whole, data={"a": "b"})))
+
+
+def test_secret_drift_in_a_plan_reason_has_no_value(example_defs):
+    """The drift text a plan puts in a step's reason (and so in artifacts and logs) has no Secret value."""
+    from models.desired import FieldDrift, ObservedComponent, observed_from
+    from models.plan import plan
+    from models.resolve import resolve
+
+    from backends.kube.drift import REDACTED
+
+    d = resolve(example_defs, "dc1-web-dev")
+    comp = next(c for c in d.components if c.target == "kubernetes")
+    sec = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": "n"},
+           "stringData": {"password": "hunter2"}}
+    drift = object_drift(sec, live_of(sec, data={"password": base64.b64encode(b"live-pw").decode()}))
+    assert drift == [FieldDrift(path="Secret/n/s:stringData.password", desired=REDACTED, observed=REDACTED)]
+    o = observed_from(d)
+    o = o.model_copy(update={"components": {**o.components, comp.name: ObservedComponent(
+        version=comp.version, hash=comp.hash, drift=drift)}})
+    step = next(s for s in plan(d, o).steps if s.object == comp.name)
+    assert "stringData.password" in step.reason and "hunter2" not in step.reason and "live-pw" not in step.reason
+
+
+def test_backends_of_one_cluster_share_one_client_and_rotation_closes_the_old():
+    """#13: one ApiClient per endpoint + credentials, reused by every backend; closed on rotation and at exit."""
+    from backends.kube import close_clients
+    from backends.kube.client import shared_clients
+
+    close_clients()
+    a = KubeAccess(server="https://127.0.0.1:1", token="t1", insecure=True)
+    b1, b2 = KubeBackend(a), KubeBackend(KubeAccess(server="https://127.0.0.1:1/", token="t1", insecure=True))
+    assert b1._api is b2._api and b1._disc is b2._disc and shared_clients() == 1
+    other = KubeBackend(KubeAccess(server="https://127.0.0.1:2", token="t1", insecure=True))
+    assert other._api is not b1._api and shared_clients() == 2
+    b1._api.rest_client.pool_manager.connection_from_url("https://127.0.0.1:1")  # a pool, as after a request
+    assert len(b1._api.rest_client.pool_manager.pools) == 1
+    rotated = KubeBackend(KubeAccess(server="https://127.0.0.1:1", token="t2", insecure=True))
+    assert rotated._api is not b1._api and b1._shared.closed and shared_clients() == 2
+    assert len(b1._api.rest_client.pool_manager.pools) == 0  # the old client's connections are closed
+    close_clients()
+    assert shared_clients() == 0 and rotated._shared.closed and other._shared.closed
+
+
 def test_custom_object_with_free_form_spec():
     pool = {"apiVersion": "metallb.io/v1beta1", "kind": "IPAddressPool", "metadata": {"name": "default", "namespace": "m"},
             "spec": {"addresses": ["192.0.2.240-192.0.2.250"], "autoAssign": True}}
