@@ -58,7 +58,7 @@ from ..connections import Connections
 from ..metal import HostsCluster
 from .addresses import AddressesExhausted, allocate, pool_addresses
 from .errors import vsphere_error
-from .session import Session, session
+from .session import Session, session as vcenter_session
 from .vms import (ADDRESS_KEY, GI, POOL_KEY, Inventory, Listing, Vm, cluster_inventory, ensure_folder, field_keys,
                   find_dc, list_scopes, moid, scope_path, vm_lock, vm_locked)
 
@@ -87,7 +87,7 @@ class VsphereBackend(HostsCluster):
 
     @property
     def session(self) -> Session:
-        return session(self.connections.vsphere, self.soap_timeout)
+        return vcenter_session(self.connections.vsphere, self.soap_timeout)
 
     def _content(self):
         return self.session.content()
@@ -117,14 +117,19 @@ class VsphereBackend(HostsCluster):
 
     # ---- inventory ------------------------------------------------------------------------------
 
-    def _inventory(self, desired: DesiredCluster, create: bool = False) -> Inventory:
-        """The cluster's VMs (one query over fleetwright's folder); with ``create`` its folder is made first."""
+    def _inventory(self, desired: DesiredCluster, create: bool = False, remember: bool = True) -> Inventory:
+        """The cluster's VMs (one query over fleetwright's folder); with ``create`` its folder is made first.
+
+        ``remember`` (the default) makes it the backend's current view of the cluster: the machines
+        with their recorded addresses, and the VMs no longer wanted. A re-read in the middle of a
+        step (under a VM's lock) leaves the step's allocation alone.
+        """
         content = self._content()
         keys = field_keys(content, create)
         dc = find_dc(content, desired.backend.datacenter)
         made = ensure_folder(content, desired, keys, self.log) if create else None
         listing = list_scopes(content, [scope_path(desired)], keys)[scope_path(desired)]
-        inv = self._sort(desired, listing, content, dc)
+        inv = self._sort(desired, listing, content, dc, remember)
         if create and not inv.folder_ours:
             marks = {cv.key: cv.value for cv in made.customValue or []}
             if not marks.get(keys.get((OWNER_KEY, "Folder"))) and not list(made.childEntity):
@@ -138,8 +143,10 @@ class VsphereBackend(HostsCluster):
                                         f"marked as cluster {desired.name}'s; fleetwright will not use it")
         return inv
 
-    def _sort(self, desired: DesiredCluster, listing: Listing, content, dc) -> Inventory:
+    def _sort(self, desired: DesiredCluster, listing: Listing, content, dc, remember: bool = True) -> Inventory:
         inv = cluster_inventory(desired, listing, content, dc)
+        if not remember:
+            return inv
         self._extras[desired.name] = [m for m in (vm.machine() for vm in inv.extras) if m is not None]
         # the machines as they are placed now: recorded addresses only (allocation is for apply)
         self._placed[desired.name] = [m.model_copy(update={"address": inv.mine[m.name].address})
@@ -217,7 +224,7 @@ class VsphereBackend(HostsCluster):
         keys = field_keys(content, create=True)
         changed = False
         with vm_lock(f"{desired.name}-{m.name}"):
-            inv = self._inventory(desired, create=True)  # fresh, under the lock
+            inv = self._inventory(desired, create=True, remember=False)  # fresh, under the lock
             self._refuse_conflicts(desired, inv)
             vm = inv.mine.get(m.name)
             if vm is not None and vm.address and vm.address != m.address:  # never reassigned

@@ -178,8 +178,8 @@ def test_observe_many_reads_every_cluster_with_one_property_collector_query(env,
     listings = []
     real = stub.InvokeMethod
 
-    def counting(mo, info, args, *rest, **kw):  # the VM listings on the wire: RetrieveContents over a ContainerView
-        if info.wsdlName == "RetrieveContents" and any(
+    def counting(mo, info, args, *rest, **kw):  # VM listings on the wire: RetrieveProperties over a ContainerView
+        if info.wsdlName in ("RetrieveProperties", "RetrievePropertiesEx") and any(
                 isinstance(o.obj, vim.view.ContainerView) for spec in args[0] for o in spec.objectSet):
             listings.append(len(args[0][0].objectSet))
         return real(mo, info, args, *rest, **kw)
@@ -199,7 +199,8 @@ def test_observe_many_reads_every_cluster_with_one_property_collector_query(env,
 _WORKER = r"""
 import json, sys, threading
 from backends.connections import Connections
-from backends.vsphere import VsphereBackend, session as sessions
+from backends.vsphere import VsphereBackend
+from backends.vsphere import session as sessions
 from backends.definitions import load_path
 from models.resolve import resolve
 
