@@ -9,6 +9,7 @@ timeout. Now :func:`session` hands out the process's one :class:`Session` for a 
 * logged in lazily, again after vCenter says ``NotAuthenticated`` (session expired or
   terminated): :meth:`Session.relogin` is called by the backend, which then repeats the call;
 * logged out at interpreter exit (``atexit``) and when the password of a connection changes;
+* every SOAP call it makes waits for the ``vsphere`` API limit (``backends.base.api_call``);
 * never inherited across ``fork``: a child process logs in on its own.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from models.errors import PermanentError
 
+from ..base import api_call
 from ..connections import VsphereConnection
 
 _log = logging.getLogger("backends.vsphere")
@@ -75,6 +77,14 @@ class Session:
         c = self.conn
         self._si = SmartConnect(host=c.host, port=c.port, user=c.user, pwd=c.password.get_secret_value(),
                                 disableSslCertValidation=c.insecure, httpConnectionTimeout=self.timeout)
+        stub = self._si._stub
+        invoke = stub.InvokeMethod
+
+        def guarded(*args, **kwargs):  # every SOAP call (task polls too) waits for the ``vsphere`` API limit
+            with api_call("vsphere"):
+                return invoke(*args, **kwargs)
+
+        stub.InvokeMethod = guarded
         self._content = self._si.RetrieveContent()
         self.logins += 1
 

@@ -211,8 +211,8 @@ def test_upgrade(env):
 
 
 def _pod(name: str, node: str, labels: dict | None = None, annotations: dict | None = None) -> dict:
-    """A Pod bound to ``node``: no scheduler or kubelet here, so it stays Pending, but evictions and
-    PodDisruptionBudgets are enforced by the API server all the same (grace 0: deleted at once)."""
+    """A Pod bound to ``node`` (no scheduler or kubelet here: it stays Pending unless its status is set);
+    evictions and PodDisruptionBudgets are the API server's own (grace 0: an evicted Pod goes at once)."""
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "default", "labels": labels or {}, "annotations": annotations or {}},
             "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0, "automountServiceAccountToken": False,
@@ -233,6 +233,10 @@ def test_scale_down_drains_first_and_a_pdb_blocks_it(env):
     for pod in (_pod("web-0", leaving, {"app": "web"}), _pod("batch-0", leaving),
                 _pod("static-0", leaving, annotations={"kubernetes.io/config.mirror": "hash"})):
         kb._request("POST", "/api/v1/namespaces/default/pods", body=pod)
+    # The API server lets a Pending Pod be evicted whatever its budget says (it disrupts nothing), so
+    # web-0 is reported Running and Ready, as its kubelet would (there is none here); batch-0 stays Pending
+    api.patch_namespaced_pod_status("web-0", "default", {"status": {
+        "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
     pdb = {"apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
            "metadata": {"name": "web-pdb", "namespace": "default"},
            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}}
