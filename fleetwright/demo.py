@@ -1,7 +1,8 @@
 """`fleetwright demo`: the whole product on one machine, end to end.
 
 1. starts the test environment (moto, vcsim, SSH hosts, kube-apiservers);
-2. puts the example fleet in a git repository (the definitions repo);
+2. pushes the example fleet to a repository on the test environment's Git server (the definitions
+   repo; workers read it through its URL with the token from the ``fleetwright-git`` block);
 3. starts a Prefect server on its embedded SQLite database;
 4. saves the credential blocks, creates the process work pool, deploys every
    flow from prefect.yaml and starts a worker;
@@ -43,26 +44,22 @@ def sh(*args: str, env: dict | None = None, cwd: Path | None = None) -> str:
     return r.stdout
 
 
-def _definitions_repo(state: Path) -> Path:
-    """A fresh git repository holding the example fleet (the demo's definitions repo)."""
-    repo = state / "definitions"
-    shutil.rmtree(repo, ignore_errors=True)
-    shutil.copytree(EXAMPLES, repo)
-    sh("git", "init", "-q", "-b", "main", str(repo))
-    sh("git", "-C", str(repo), "add", "-A")
-    sh("git", "-C", str(repo), "-c", "user.name=platform", "-c", "user.email=platform@fleetwright.invalid",
-       "commit", "-q", "-m", "the example fleet")
-    return repo
+def _definitions_repo(env: dict) -> str:
+    """A fresh repository on the test environment's Git server holding the example fleet; its clone URL.
+
+    Workers read it through the URL (their own cache clone, the token from the ``fleetwright-git``
+    block), and add-component pushes its ComponentSet to it before rolling out.
+    """
+    from testenv import git
+
+    return git.create_repo(env["git"], "definitions", seed=EXAMPLES)
 
 
-def _bump_version_in_git(repo: Path, cluster_file: str, old: str, new: str, message: str) -> None:
-    p = repo / cluster_file
-    text = p.read_text()
-    if new in text:
-        return
-    p.write_text(text.replace(old, new, 1))
-    sh("git", "-C", str(repo), "-c", "user.name=alice", "-c", "user.email=alice@fleetwright.invalid",
-       "commit", "-q", "-am", message)
+def _bump_version_in_git(env: dict, cluster_file: str, old: str, new: str, message: str) -> None:
+    """A person's commit, pushed to the definitions repository over the network."""
+    from testenv.git import GitServer
+
+    GitServer(env["git"]).commit("definitions", {cluster_file: (old, new)}, message, author="alice")
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -110,8 +107,8 @@ def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
     timings.append(("test environment up", time.monotonic() - t, {}))
 
     # 2. definitions in git
-    repo = _definitions_repo(state)
-    say(f"definitions repository: {repo}")
+    repo = _definitions_repo(env)
+    say(f"definitions repository: {repo} (the test environment's Git server; workers read it through the URL)")
 
     # 3. Prefect server on SQLite
     t = time.monotonic()
@@ -120,7 +117,8 @@ def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
                 PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
                 PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(state / "results"),
                 FLEETWRIGHT_HOME=str(ROOT), FLEETWRIGHT_CONNECTIONS=str(conns),
-                FLEETWRIGHT_DEFINITIONS_REPO=str(repo), FLEETWRIGHT_RETRY_BASE_SECONDS="0.5",
+                FLEETWRIGHT_DEFINITIONS_REPO=repo, FLEETWRIGHT_GIT_CACHE=str(state / "git-cache"),
+                FLEETWRIGHT_RETRY_BASE_SECONDS="0.5",
                 PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     prefect = str(Path(sys.executable).parent / "prefect")
     if not common.is_running("prefect-server", cfg):
@@ -137,6 +135,7 @@ def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
     sh(prefect, "work-pool", "create", "fleetwright", "--type", "process", "--overwrite", env=penv)
     say("deploying every flow from prefect.yaml")
     sh(prefect, "--no-prompt", "deploy", "--all", env=penv, cwd=ROOT)
+    _pause("sync-from-git-poll/sync-from-git-poll")  # the demo pushes on purpose; the lost-webhook poll stays out of it
     if not common.is_running("prefect-worker", cfg):
         common.start_process("prefect-worker", [prefect, "worker", "start", "--pool", "fleetwright", "--limit", "8"],
                              log=cfg.log_dir / "prefect-worker.log", env=penv, cfg=cfg, cwd=ROOT)
@@ -173,7 +172,7 @@ def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
     step("onboard team payments", lambda: deploy("onboard-team", team="payments"))
     step("add external-dns to every dev cluster, in waves", lambda: deploy(
         "add-component", component="external-dns", selector={"env": "dev"}, values={"domain": "dev.corp.example.com"}))
-    _bump_version_in_git(repo, "clusters/aws.yaml", "variables: {environment: staging, workers: 2, workerSize: medium}",
+    _bump_version_in_git(env, "clusters/aws.yaml", "variables: {environment: staging, workers: 2, workerSize: medium}",
                          'variables: {environment: staging, workers: 2, workerSize: medium, kubernetesVersion: "1.21"}',
                          f"{AWS_CLUSTER}: Kubernetes 1.21")
     step(f"upgrade {AWS_CLUSTER} 1.20 -> 1.21 (bumped in Git first)",
@@ -198,6 +197,16 @@ def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
     return 1 if bad else 0
 
 
+def _pause(deployment: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        try:
+            c.pause_deployment(c.read_deployment_by_name(deployment).id)
+        except Exception as e:  # noqa: BLE001 - not deployed: nothing to pause
+            say(f"could not pause {deployment}: {e}")
+
+
 def _save_blocks(env: dict) -> None:
     from prefect_aws import AwsCredentials
     from prefect_aws.client_parameters import AwsClientParameters
@@ -211,6 +220,11 @@ def _save_blocks(env: dict) -> None:
     VsphereCredentials(host=vs["host"], port=vs["port"], user=vs["user"], password=vs["password"],
                        insecure=True).save(VSPHERE_BLOCK, overwrite=True)
     SshKey(user=hosts.get("user", "root"), private_key=Path(hosts["private_key"]).read_text()).save(SSH_BLOCK, overwrite=True)
+    from pydantic import SecretStr
+
+    from tasks.blocks import GIT_BLOCK, GitCredentialsBlock
+
+    GitCredentialsBlock(username=env["git"]["user"], token=SecretStr(env["git"]["token"])).save(GIT_BLOCK, overwrite=True)
 
 
 def _out_of_band(conns: Path) -> None:

@@ -1,0 +1,186 @@
+"""Write-back before rollout, and a sweep in the middle of an add-component wave: real Git server, real Prefect
+server, moto's EKS mapped to real kube-apiservers."""
+from __future__ import annotations
+
+import contextvars
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s
+
+from .conftest import EXAMPLES, kube_client
+
+CLUSTERS = """apiVersion: fleetwright.io/v1alpha1
+kind: Cluster
+metadata:
+  name: gr-canary
+  labels: {env: dev, tier: gitrace, fleetwright.io/wave: canary}
+spec:
+  model: edge-small@1.0.0
+  driftMode: correct
+  owner: payments
+  variables: {environment: dev}
+  backend: {type: aws, region: eu-west-1, vpc: {cidr: 10.71.0.0/16}}
+---
+apiVersion: fleetwright.io/v1alpha1
+kind: Cluster
+metadata:
+  name: gr-dev
+  labels: {env: dev, tier: gitrace, fleetwright.io/approval: required}
+spec:
+  model: edge-small@1.0.0
+  driftMode: correct
+  owner: payments
+  variables: {environment: dev}
+  backend: {type: aws, region: eu-west-1, vpc: {cidr: 10.72.0.0/16}}
+"""
+NAMES = ("gr-canary", "gr-dev")
+
+
+@pytest.fixture(scope="module")
+def race_fleet(tmp_path_factory, testenv_config, kube_factory, prefect_api, _aws_session, git_server):
+    import testenv
+    from testenv.connections import write_connections
+
+    testenv.load_part("aws").reset(testenv_config)
+    root = tmp_path_factory.mktemp("race") / "defs"
+    for sub in ("components", "models", "teams"):
+        shutil.copytree(EXAMPLES / sub, root / sub)
+    shutil.copy(EXAMPLES / "policy.yaml", root / "policy.yaml")
+    (root / "clusters").mkdir()
+    (root / "clusters" / "aws.yaml").write_text(CLUSTERS)
+    run = os.urandom(3).hex()
+    endpoints = {n: kube_factory(f"race{run}-{n}") for n in NAMES}
+    conns = write_connections(root.parent / "connections.json", {"aws": _aws_session}, endpoints)
+    old = {k: os.environ.get(k) for k in ("FLEETWRIGHT_CONNECTIONS", "FLEETWRIGHT_USE_BLOCKS", "FLEETWRIGHT_GIT_CACHE",
+                                          "FLEETWRIGHT_RETRY_BASE_SECONDS")}
+    os.environ.update({"FLEETWRIGHT_CONNECTIONS": str(conns), "FLEETWRIGHT_USE_BLOCKS": "0",
+                       "FLEETWRIGHT_GIT_CACHE": str(root.parent / "git-cache"), "FLEETWRIGHT_RETRY_BASE_SECONDS": "0.05"})
+    from tasks.blocks import connections
+
+    connections.cache_clear()
+    git_server.save_block()
+    url = git_server.create(f"race-{run}", seed=root)
+    yield {"root": root, "url": url, "repo": f"race-{run}", "endpoints": endpoints}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    connections.cache_clear()
+
+
+def namespaces(fleet, cluster) -> set[str]:
+    return {n.metadata.name for n in k8s.CoreV1Api(kube_client(fleet["endpoints"][cluster])).list_namespace().items}
+
+
+def in_thread(fn) -> threading.Thread:
+    t = threading.Thread(target=contextvars.copy_context().run, args=(fn,))
+    t.start()
+    return t
+
+
+def test_a_sweep_in_the_middle_of_an_add_component_wave_never_removes_it(race_fleet, git_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.lifecycle import add_component, create_cluster
+    from flows.reconcile import reconcile_fleet
+    from models.waves import WavePolicy
+    from tasks.definitions import DefinitionsSource
+
+    src = DefinitionsSource(repo=race_fleet["url"], ref="main")
+    for n in NAMES:
+        assert create_cluster(cluster=n, source=src)["clusters"][0]["status"] == "converged"
+    before = git_server.head(race_fleet["repo"])  # what a sweep that started before the push reads
+    box = {}
+    t = in_thread(lambda: box.setdefault("state", add_component(
+        component="external-dns", selector={"tier": "gitrace"}, values={"domain": "dev.corp.example.com"}, source=src,
+        waves=WavePolicy(approval_timeout_seconds=600), idempotency_key="race-test", return_state=True)))
+    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    run_id, deadline = None, time.time() + 300
+    with get_client(sync_client=True) as c:
+        while run_id is None and time.time() < deadline and t.is_alive():
+            runs = c.read_flow_runs(flow_run_filter=paused, limit=10)
+            run_id = next((r.id for r in runs if r.parameters.get("component") == "external-dns"), None)
+            time.sleep(0.5)
+    assert run_id, f"add-component never paused at gr-dev's wave: {box}"
+    # the ComponentSet was pushed FIRST, and the canary wave installed from that commit
+    pushed = git_server.head(race_fleet["repo"])
+    assert pushed != before
+    assert "external-dns" in namespaces(race_fleet, "gr-canary")
+    assert "external-dns" not in namespaces(race_fleet, "gr-dev")
+    # a sweep that read the definitions before the push, running in the middle of the rollout
+    old = reconcile_fleet(source=DefinitionsSource(repo=race_fleet["url"], ref=before), return_state=True)
+    by = {c["cluster"]: c for c in old.result(raise_on_failure=False)["clusters"]}
+    assert "external-dns" in namespaces(race_fleet, "gr-canary"), "the sweep removed what the rollout added"
+    assert by.get("gr-canary", {}).get("status") in (None, "in-sync"), by
+    # and a sweep at the new head has nothing to remove either (and leaves gr-dev to the paused rollout's approval:
+    # it installs there, as the definitions now say)
+    resume_flow_run(run_id, run_input={"approver": "alice", "approve": True, "comment": "race test"})
+    t.join(300)
+    state = box["state"]
+    assert state.is_completed(), state
+    res = state.result()
+    assert res["write_back"]["mode"] == "push" and res["write_back"]["sha"] == pushed
+    assert "external-dns" in namespaces(race_fleet, "gr-dev") and "external-dns" in namespaces(race_fleet, "gr-canary")
+    files = git_server.git("--git-dir", f"{git_server.section['root']}/{race_fleet['repo']}.git", "show",
+                           f"{pushed}:componentsets/external-dns-tier-gitrace.yaml")
+    assert "external-dns" in files and "dev.corp.example.com" in files
+
+
+def test_write_back_branch_mode_pushes_a_review_branch_and_stops(race_fleet, git_server):
+    from flows.lifecycle import add_component
+    from tasks.definitions import DefinitionsSource
+
+    head = git_server.head(race_fleet["repo"])
+    out = add_component(component="cert-manager", selector={"tier": "gitrace"}, write_back="branch",
+                        source=DefinitionsSource(repo=race_fleet["url"], ref="main"))
+    wb = out["write_back"]
+    assert wb["mode"] == "branch" and wb["branch"].startswith("fleetwright/add-cert-manager-tier-gitrace")
+    assert git_server.head(race_fleet["repo"]) == head  # main untouched
+    assert git_server.head(race_fleet["repo"], wb["branch"]) == wb["sha"]
+    assert "cert-manager" not in namespaces(race_fleet, "gr-canary")  # nothing rolled out
+
+
+def test_write_back_off_is_for_directories_and_the_sweep_keeps_what_it_added(race_fleet, git_server):
+    from flows.lifecycle import add_component
+    from flows.reconcile import reconcile_fleet
+    from models.errors import PermanentError
+    from tasks.definitions import DefinitionsSource
+
+    with pytest.raises(PermanentError, match="only for a directory source"):
+        add_component(component="metallb", selector={"fleetwright.io/wave": "canary"}, write_back="off",
+                      source=DefinitionsSource(repo=race_fleet["url"], ref="main"))
+    d = DefinitionsSource(path=str(race_fleet["root"]))  # the definitions as a plain directory
+    sets = race_fleet["root"] / "componentsets"
+    sets.mkdir(exist_ok=True)  # with the first test's external-dns, so the sweep below has only cert-manager to judge
+    (sets / "external-dns-tier-gitrace.yaml").write_text(git_server.git(
+        "--git-dir", f"{git_server.section['root']}/{race_fleet['repo']}.git", "show",
+        "main:componentsets/external-dns-tier-gitrace.yaml"))
+    out = add_component(component="cert-manager", selector={"fleetwright.io/wave": "canary"}, write_back="off", source=d)
+    assert out["clusters"][0]["status"] == "converged"
+    assert [f.name for f in sets.iterdir()] == ["external-dns-tier-gitrace.yaml"]  # nothing recorded
+    sweep = reconcile_fleet(source=d, selector={"tier": "gitrace"}, return_state=True)
+    assert "cert-manager" in namespaces(race_fleet, "gr-canary"), "the sweep pruned an imperative add"
+    # the definitions name the removal: then the sweep removes it
+    p = race_fleet["root"] / "clusters" / "aws.yaml"
+    text = p.read_text()
+    p.write_text(text.replace("  variables: {environment: dev}\n  backend: {type: aws, region: eu-west-1, vpc: {cidr: 10.71",
+                              "  variables: {environment: dev}\n  overrides: {components: {cert-manager: {enabled: false}}}\n"
+                              "  backend: {type: aws, region: eu-west-1, vpc: {cidr: 10.71", 1))
+    try:
+        reconcile_fleet(source=d, selector={"tier": "gitrace"}, return_state=True)
+        deadline = time.time() + 120
+        while "cert-manager" in namespaces(race_fleet, "gr-canary") and time.time() < deadline:
+            time.sleep(1)
+        assert "cert-manager" not in namespaces(race_fleet, "gr-canary")
+    finally:
+        p.write_text(text)
+    assert sweep is not None
