@@ -95,7 +95,10 @@ class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupServi
         subnets, net_changed = self._ensure_network(desired)
         arns, roles_changed = self._ensure_roles(desired)
         changed = net_changed or roles_changed
-        c = self._cluster(desired)
+        try:
+            c = self._cluster(desired)
+        except OwnershipConflict:
+            c = None  # not ours: controlPlane.create refuses it; the network and roles are still ours
         if c is not None and c.get("status") == "ACTIVE":
             changed = self._ensure_access(desired, c) or changed
         return changed, ("created or completed" if changed else "already in place") + \

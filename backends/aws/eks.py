@@ -81,8 +81,10 @@ class EksService:
                 raise PermanentError(f"EKS cluster {desired.name} is FAILED; delete it to create it again")
             if c["status"] != "ACTIVE":
                 c = self._wait_cluster(desired)
+                self._ensure_access(desired, c)  # a crash after CreateCluster: finish the access entries too
                 return True, f"waited for EKS cluster {desired.name} to become ACTIVE", {"arn": c.get("arn")}
-            return False, f"EKS cluster {desired.name} exists", {"arn": c.get("arn")}
+            changed = self._ensure_access(desired, c)
+            return changed, f"EKS cluster {desired.name} exists", {"arn": c.get("arn")}
         _vpc, subnets, ready = self._network(desired)
         role = self._role(desired, self.role_names(desired)["cluster"])
         if not ready or not subnets or role is None:
