@@ -96,6 +96,8 @@ class Receiver:
         self.secrets = secrets or SecretStore(config.secret_block, config.secret_refresh_seconds)
         self.dispatcher = dispatcher or Dispatcher(config.deployment, config.debounce_seconds)
         self.metrics = Metrics()
+        if hasattr(self.dispatcher, "on_superseded"):
+            self.dispatcher.on_superseded = lambda n: self.metrics.inc("fleetwright_webhook_runs_superseded_total", n)
         self._background: set[asyncio.Task] = set()
 
     def reject(self, provider: str, delivery: str, remote: str, r: Rejected) -> JSONResponse:
@@ -191,13 +193,11 @@ class Receiver:
                                 status_code=202)
         self.metrics.inc("fleetwright_webhook_deliveries_total", provider=provider, outcome="accepted")
         self.metrics.inc("fleetwright_webhook_runs_created_total", provider=provider)
-        if done.superseded:
-            self.metrics.inc("fleetwright_webhook_runs_superseded_total", len(done.superseded), provider=provider)
-        log.info("webhook %s delivery %s: %s %s@%s by %s -> flow run %s (secret #%d, %d superseded)", provider,
+        log.info("webhook %s delivery %s: %s %s@%s by %s -> flow run %s (secret #%d)", provider,
                  _clean(d.delivery_id), d.event, _clean(d.branch, 100), d.after[:12], _clean(d.pusher), done.name,
-                 matched + 1, len(done.superseded))
-        return JSONResponse({"status": "accepted", "flow_run_id": str(done.run_id), "flow_run_name": done.name,
-                             "superseded": [str(i) for i in done.superseded]}, status_code=202)
+                 matched + 1)
+        return JSONResponse({"status": "accepted", "flow_run_id": str(done.run_id), "flow_run_name": done.name},
+                            status_code=202)
 
     def _finished_late(self, task: asyncio.Task, provider, d, remote, t0, matched) -> None:
         self._background.discard(task)

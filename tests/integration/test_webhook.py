@@ -1,7 +1,8 @@
 """The webhook receiver against a real Prefect server, over real HTTP: what starts a run and what does not.
 
 The receiver runs as ``fleetwright webhook serve`` processes (two replicas for the replay proofs);
-every assertion about runs counts flow runs in Prefect itself.
+every assertion about runs counts flow runs in Prefect itself. Deliveries name a repository on the
+test environment's real Git server and commits really pushed to it.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from fleetwright.webhook.sender import gitlab_push_payload, push_payload, signed
 pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "fleet"
 BIN = Path(sys.executable).parent
-REPO_URL = "http://git.test.invalid/platform/fleet.git"  # replaced by the real Git server's URL once it lands
+REPO_URL = ""  # the repository on the real Git server (set by the ``fleet_repo`` fixture)
 DEPLOYMENT = "sync-from-git/webhook-test"
 BLOCK = "webhook-test-secrets"
 S1, S2 = "first-secret-d8a2f0", "second-secret-7c41b9"
@@ -58,6 +60,14 @@ def flow_runs() -> list:
     with get_client(sync_client=True) as c:
         return c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT.split("/")[1]])),
                                 limit=200)
+
+
+def run_for(after: str, timeout: float = 60):
+    """The one run of commit ``after`` (an answer may come before Prefect has the run: wait for it)."""
+    runs = wait_for(lambda: [x for x in flow_runs() if x.parameters.get("after") == after], timeout,
+                    f"a run of {after[:12]}")
+    assert len(runs) == 1, runs
+    return runs[0]
 
 
 def save_secrets(values: list[str]) -> None:
@@ -136,8 +146,38 @@ def target(prefect_api, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+class Repo:
+    def __init__(self, git_server, name: str):
+        self.server, self.name = git_server, name
+        self.url = git_server.create(name, EXAMPLES)
+        self.n = 0
+
+    def commit(self, branch: str = "main") -> tuple[str, str]:
+        """A real commit pushed to ``branch`` over the network: (before, after)."""
+        bare = Path(self.server.section["root"]) / f"{self.name}.git"
+        if subprocess.run(["git", "-C", str(bare), "rev-parse", "--verify", "-q", f"refs/heads/{branch}"],
+                          capture_output=True).returncode:
+            subprocess.run(["git", "-C", str(bare), "update-ref", f"refs/heads/{branch}", "refs/heads/main"], check=True)
+        before = self.server.head(self.name, branch)
+        self.n += 1
+        after = self.server.commit(self.name, {"NOTES.md": f"change {self.n}\n"}, f"change {self.n}", author="ann",
+                                   branch=branch)
+        return before, after
+
+    def head(self, branch: str = "main") -> str:
+        return self.server.head(self.name, branch)
+
+
 @pytest.fixture(scope="module")
-def receivers(target, tmp_path_factory):
+def fleet_repo(git_server):
+    global REPO_URL
+    repo = Repo(git_server, f"webhook-fleet-{os.urandom(3).hex()}")
+    REPO_URL = repo.url
+    return repo
+
+
+@pytest.fixture(scope="module")
+def receivers(target, fleet_repo, tmp_path_factory):
     """Two replicas of the receiver, one configuration, one Prefect server."""
     d = tmp_path_factory.mktemp("webhook-rx")
     cfg = d / "webhook.yaml"
@@ -163,26 +203,26 @@ def push(secret: str, after: str, before: str = sha(1), ref: str = "refs/heads/m
     return signed(provider, secret, payload, event=event, delivery=delivery)
 
 
-def test_valid_push_starts_exactly_one_sync(receivers):
+def test_valid_push_starts_exactly_one_sync(receivers, fleet_repo):
     rx = receivers[0]
     before = len(flow_runs())
-    h, body = push(S1, sha(100))
+    old, new = fleet_repo.commit()
+    h, body = push(S1, new, before=old)
     r = rx.post("github", h, body)
     assert r.status_code == 202 and r.json()["status"] == "accepted", r.text
-    runs = flow_runs()
-    assert len(runs) == before + 1
-    run = next(x for x in runs if str(x.id) == r.json()["flow_run_id"])
-    assert run.parameters["after"] == sha(100) and run.parameters["repo"] == REPO_URL
+    run = run_for(new)
+    assert len(flow_runs()) == before + 1
+    assert run.parameters["after"] == new and run.parameters["before"] == old and run.parameters["repo"] == REPO_URL
     assert run.parameters["pusher"] == "ann" and run.parameters["subdir"] == "fleet"
     assert run.parameters["delivery"] == h["X-GitHub-Delivery"] and run.parameters["dry_run"] is False
     assert run.state.type.value == "SCHEDULED"
 
 
 @pytest.mark.parametrize("case", ["forged", "gitlab_token", "branch", "event", "tag"])
-def test_rejected_deliveries_start_no_run(receivers, case):
+def test_rejected_deliveries_start_no_run(receivers, fleet_repo, case):
     rx = receivers[1]
     n = len(flow_runs())
-    after = sha(200 + ["forged", "gitlab_token", "branch", "event", "tag"].index(case))
+    after = fleet_repo.commit("feature-x")[1] if case == "branch" else fleet_repo.head()
     if case == "forged":
         h, body = push("not-the-secret", after)
         want = (401, "bad_signature")
@@ -242,7 +282,7 @@ def _raw_oversize(port: int, headers: dict, total: int, chunked: bool) -> bytes:
 def test_ten_megabyte_body_starts_no_run(receivers, chunked):
     rx = receivers[0]
     n = len(flow_runs())
-    h, _ = push(S1, sha(300 + chunked))
+    h, _ = push(S1, sha(300 + chunked))  # never read: the body is refused first
     h.pop("Content-Type")
     answer = _raw_oversize(rx.port, h, 10 * 1024 * 1024, chunked)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
@@ -250,9 +290,10 @@ def test_ten_megabyte_body_starts_no_run(receivers, chunked):
     assert rx.metric("fleetwright_webhook_rejected_total", reason="body_too_large") >= 1
 
 
-def test_replayed_delivery_starts_no_run_across_replicas_and_restarts(receivers):
+def test_replayed_delivery_starts_no_run_across_replicas_and_restarts(receivers, fleet_repo):
     rx1, rx2 = receivers
-    h, body = push(S1, sha(400), ref="refs/heads/release-1")
+    old, new = fleet_repo.commit("release-1")
+    h, body = push(S1, new, before=old, ref="refs/heads/release-1")
     n = len(flow_runs())
 
     def outcomes() -> tuple[float, float]:  # (runs created, duplicates) over both replicas
@@ -273,7 +314,7 @@ def test_replayed_delivery_starts_no_run_across_replicas_and_restarts(receivers)
     assert len({r.json()["flow_run_id"] for r in results} - {None}) == 1
     assert len(flow_runs()) == n + 1
     # the same commit from a second hook (Gitea, its own delivery id): still that one run
-    h2, body2 = push(S1, sha(400), ref="refs/heads/release-1", provider="gitea")
+    h2, body2 = push(S1, new, before=old, ref="refs/heads/release-1", provider="gitea")
     assert rx2.post("gitea", h2, body2).json()["status"] == "duplicate"
     # a restarted replica remembers (the memory is Prefect's)
     rx1.stop()
@@ -286,21 +327,23 @@ def test_replayed_delivery_starts_no_run_across_replicas_and_restarts(receivers)
     assert len(flow_runs()) == n + 1
 
 
-def test_two_pushes_one_second_apart_start_one_sync_at_the_second(receivers):
+def test_two_pushes_one_second_apart_start_one_sync_at_the_second(receivers, fleet_repo):
     from prefect import get_client
 
     rx1, rx2 = receivers
-    h1, b1 = push(S1, sha(501), before=sha(500), ref="refs/heads/release-burst")
+    c0, c1 = fleet_repo.commit("release-burst")
+    c2 = fleet_repo.commit("release-burst")[1]  # both pushed before the deliveries: a git push takes seconds here
+    h1, b1 = push(S1, c1, before=c0, ref="refs/heads/release-burst")
     r1 = rx1.post("github", h1, b1)
     time.sleep(1)  # the scenario: a second push one second later (to the other replica)
-    h2, b2 = push(S1, sha(502), before=sha(501), ref="refs/heads/release-burst")
+    h2, b2 = push(S1, c2, before=c1, ref="refs/heads/release-burst")
     r2 = rx2.post("github", h2, b2)
     assert r1.status_code == r2.status_code == 202 and r1.json()["status"] == r2.json()["status"] == "accepted"
     # under load an answer may come before Prefect has the run: read the runs from Prefect itself
-    by_after = wait_for(lambda: (lambda m: m if {sha(501), sha(502)} <= set(m) else None)(
+    by_after = wait_for(lambda: (lambda m: m if {c1, c2} <= set(m) else None)(
         {x.parameters["after"]: x for x in flow_runs() if x.parameters.get("ref") == "refs/heads/release-burst"}),
         60, "both runs in Prefect")
-    first, second = by_after[sha(501)].id, by_after[sha(502)].id
+    first, second = by_after[c1].id, by_after[c2].id
     with get_client(sync_client=True) as c:
         done = wait_for(lambda: (lambda fr: fr if fr.state.is_final() else None)(c.read_flow_run(second)), 120,
                         "the second sync to finish", every=1)
@@ -313,7 +356,7 @@ def test_two_pushes_one_second_apart_start_one_sync_at_the_second(receivers):
     assert len(burst) == 2 and sum(x.state.type.value == "COMPLETED" for x in burst) == 1
 
 
-def test_secret_rotation(receivers):
+def test_secret_rotation(receivers, fleet_repo):
     rx = receivers[0]
 
     def active() -> int:
@@ -322,17 +365,21 @@ def test_secret_rotation(receivers):
     save_secrets([S2, S1])  # the change starts: both accepted
     wait_for(lambda: active() == 2, 30, "the receiver to read the rotated block")
     for i, secret in enumerate((S2, S1)):
-        h, body = push(secret, sha(600 + i))
+        old, new = fleet_repo.commit()
+        h, body = push(secret, new, before=old)
         assert rx.post("github", h, body).json()["status"] == "accepted"
+        run_for(new)
     save_secrets([S2])  # the change ends: the old one is removed
     wait_for(lambda: active() == 1, 30, "the receiver to drop the old secret")
     n = len(flow_runs())
-    h, body = push(S1, sha(610))
+    old, new = fleet_repo.commit()
+    h, body = push(S1, new, before=old)
     r = rx.post("github", h, body)
     assert (r.status_code, r.json()["reason"]) == (401, "bad_signature")
-    h, body = push(S2, sha(611))
+    h, body = push(S2, new, before=old)
     assert rx.post("github", h, body).json()["status"] == "accepted"
+    run_for(new)
     assert len(flow_runs()) == n + 1
     assert S1 not in rx.log.read_text() and S2 not in rx.log.read_text()
-    save_secrets([S1])  # back, for the other tests
-    wait_for(lambda: active() == 1 and rx.post("github", *push(S1, sha(612))).status_code == 202, 30, "restore")
+    save_secrets([S1])  # back, for the other tests: that commit signed with S1 is then a duplicate, not a 401
+    wait_for(lambda: rx.post("github", *push(S1, new, before=old)).status_code == 202, 30, "the first secret back")
