@@ -213,8 +213,8 @@ class Receiver:
         """Look the deployment up and read the secrets before the first delivery, so it is answered fast.
         A failure here is logged, not fatal: each delivery tries again (and answers 503 meanwhile)."""
         try:
-            await self.dispatcher.deployment_id()
-            await self.secrets.get("*")
+            await asyncio.wait_for(self.dispatcher.deployment_id(), 30)
+            await asyncio.wait_for(self.secrets.get("*"), 30)
             log.info("webhook receiver ready: deployment %s, %d repositories", self.config.deployment,
                      len(self.config.repositories))
         except Exception as e:  # noqa: BLE001

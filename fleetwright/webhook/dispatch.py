@@ -168,16 +168,21 @@ class Dispatcher:
         from prefect.exceptions import ObjectNotFound
         from prefect.states import Scheduled, to_state_create
 
-        nonces, bodies = [], []
-        for req, _ in batch:
-            nonce = uuid4().hex  # says whether the run that comes back is the one this request created
-            nonces.append(nonce)
+        # one create per idempotency key: the server refuses the same key twice in one bulk transaction
+        first: dict[str, int] = {}
+        for i, (req, _) in enumerate(batch):
+            first.setdefault(req.idempotency_key, i)
+        unique = sorted(first.values())
+        nonces, bodies = {}, []
+        for i in unique:
+            req = batch[i][0]
+            nonces[i] = uuid4().hex  # says whether the run that comes back is the one this request created
             bodies.append(DeploymentFlowRunCreate(
                 parameters=req.parameters,
                 state=to_state_create(Scheduled(scheduled_time=req.received_at + self.debounce)),
                 tags=req.tags,
                 idempotency_key=req.idempotency_key,
-                labels={REQUEST_LABEL: nonce},
+                labels={REQUEST_LABEL: nonces[i]},
             ).model_dump(mode="json", exclude_unset=True))
         try:
             dep_id = await self.deployment_id()
@@ -186,17 +191,20 @@ class Dispatcher:
         except ObjectNotFound:
             self._deployment_id = None  # re-registered under a new id: look it up again next time
             raise
-        results = response.json()["results"]
-        ids = [UUID(r["flow_run_id"]) for r in results if r.get("flow_run_id")]
+        results = dict(zip(unique, response.json()["results"]))
+        ids = list({UUID(r["flow_run_id"]) for r in results.values() if r.get("flow_run_id")})
         runs = {r.id: r for r in await self.client.read_flow_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids))} if ids else {}
         out: list = []
-        for res, nonce in zip(results, nonces):
+        for i, (req, _) in enumerate(batch):
+            j = first[req.idempotency_key]
+            res = results[j]
             run = runs.get(UUID(res["flow_run_id"])) if res.get("flow_run_id") else None
             if res.get("status") != "CREATED" or run is None:
                 out.append(RuntimeError(f"Prefect did not create the run: {str(res.get('error'))[:200]}"))
                 continue
-            out.append(Dispatched(run.id, (run.labels or {}).get(REQUEST_LABEL) == nonce, name=run.name))
+            mine = i == j and (run.labels or {}).get(REQUEST_LABEL) == nonces[j]
+            out.append(Dispatched(run.id, mine, name=run.name))
         return dep_id, out
 
     async def _supersede(self, dep_id: UUID, groups: set[str]) -> list[UUID]:

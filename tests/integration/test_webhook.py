@@ -93,7 +93,7 @@ class Receiver:
                 return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
             except httpx.HTTPError:
                 return False
-        wait_for(up, 60, "the receiver to listen")
+        wait_for(up, 240, "the receiver to listen")  # it reads the deployment and secrets first: slow when loaded
         return self
 
     def stop(self):
@@ -309,7 +309,8 @@ def test_replayed_delivery_starts_no_run_across_replicas_and_restarts(receivers,
         t.join()
     assert sorted(r.status_code for r in results) == [202] * 8
     # a reply may come before Prefect has answered (the receiver answers within a second): wait for all 8
-    wait_for(lambda: sum(outcomes()) - created0 - dup0 == 8, 60, "every delivery to be handed to Prefect")
+    wait_for(lambda: sum(outcomes()) - created0 - dup0 == 8, 240, "every delivery to be handed to Prefect")
+    assert sum(r.metric("fleetwright_webhook_rejected_total", reason="dispatch_failed") for r in receivers) == 0
     assert outcomes() == (created0 + 1, dup0 + 7)
     assert len({r.json()["flow_run_id"] for r in results} - {None}) == 1
     assert len(flow_runs()) == n + 1
