@@ -51,9 +51,12 @@ def _call(api: str) -> None:
         time.sleep(_setting("LATENCY_MS", 50) / 1000.0)
     with _lock:
         _calls["n"] += 1
+        if _calls["n"] >= 50:
+            _flush()
 
 
 def _flush() -> None:
+    """Add this process's uncounted calls to its file (under ``_lock``, or at exit)."""
     if _calls["n"]:
         with open(_state() / f"calls-{os.getpid()}", "a") as f:
             f.write(f"{_calls['n']}\n")

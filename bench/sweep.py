@@ -126,6 +126,7 @@ def run_size(n: int, args, cfg) -> dict:
                                             "batch_size": args.batch_size, "max_workers": args.threads})
             seconds = time.monotonic() - t0
             ended = time.monotonic()
+            print(f"[sweep {n}] {fr.state.type.value}/{fr.state.name} in {seconds:.1f}s: {fr.state.message}", flush=True)
             # drain: until the server's event count stops growing (3 equal reads 1 s apart)
             last, same = -1, 0
             while same < 3 and time.monotonic() - ended < 600:
@@ -151,7 +152,7 @@ def run_size(n: int, args, cfg) -> dict:
     calls = sum(int(x) for f in sim.glob("calls-*") for x in f.read_text().split())
     # per API: infrastructure calls go to the cluster's backend type (a third each), in-cluster to kubernetes
     per_api = _calls_per_api(defs, sim, calls)
-    bound = max(per_api[a] * args.latency_ms / 1000.0 / LIMITS[a] for a in per_api if per_api[a])
+    bound = max([per_api[a] * args.latency_ms / 1000.0 / LIMITS[a] for a in per_api] + [0.001])
     corrected = len(list((sim / "corrected").iterdir()))
     worker_peaks = {k: v for k, v in sampler.peak.items() if k.startswith("worker")}
     out = {"clusters": n, "seconds": round(seconds, 1), "bound": round(bound, 1), "ratio": round(seconds / bound, 2),

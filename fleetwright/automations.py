@@ -1,12 +1,12 @@
 """Creates fleetwright's Prefect automations from ``automations/*.yaml`` (idempotent: replaced by name).
 
-* ``crash-zombie-runs``: a sweep run whose worker died (no heartbeat for 90 s) is marked Crashed;
-* ``crash-unstarted-runs``: a run still Pending/Submitting 180 s after submission is marked Crashed;
+* ``crash-zombie-runs``: a sweep run whose worker died (no heartbeat for 120 s) is marked Crashed;
+* ``crash-unstarted-runs``: a run still Pending/Submitting 300 s after submission is marked Crashed;
 * ``notify-cluster-problems``: a notification per drifted/failed cluster event (needs a notification
   block: ``--notify-block <block-type-slug>/<name>``; skipped without one).
 
 Usage: ``python -m fleetwright.automations [--notify-block custom-webhook/ops]`` with ``PREFECT_API_URL`` set.
-Windows: ``--set ZOMBIE_SECONDS=90 --set UNSTARTED_SECONDS=180`` (the defaults).
+Windows: ``--set ZOMBIE_SECONDS=120 --set UNSTARTED_SECONDS=300`` (the defaults).
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
+from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -319,7 +320,7 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
     names = sorted(n for n, c in defs.clusters.items() if matches(c.metadata.labels, selector))
     key = run_key(None)  # a fresh key every sweep: repairs are never skipped as done
     r = Resolver(defs)
-    sharded = shard_size > 0 and len(names) > shard_size and this_run.get_deployment_id() is not None
+    sharded = shard_size > 0 and len(names) > shard_size and this_deployment.id is not None
     if sharded:
         apis = {defs.clusters[n].spec.backend.type for n in names} | {"kubernetes"}
         del defs, r  # the shards load their own; keep this run small
