@@ -138,11 +138,8 @@ def run_size(n: int, args, cfg) -> dict:
             sampler.stop_flag.set()
             with get_client(sync_client=True) as c:
                 final = c.read_flow_run(fr.id)
-                flow_runs = c.count_flow_runs() if hasattr(c, "count_flow_runs") else None
-                task_runs = c.count_task_runs() if hasattr(c, "count_task_runs") else None
-            if flow_runs is None:
-                flow_runs = _post(stack.api, "/flow_runs/count", {})
-                task_runs = _post(stack.api, "/task_runs/count", {})
+            flow_runs = _post(stack.api, "/flow_runs/count", {})
+            task_runs = _post(stack.api, "/task_runs/count", {})
             completed_tasks = _post(stack.api, "/task_runs/count",
                                     {"task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
             counts = event_counts(stack.api, since)

@@ -71,14 +71,30 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+_PAUSE_SCHEDULES = """
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    for d in c.read_deployments():
+        for s in c.read_deployment_schedules(d.id):
+            c.update_deployment_schedule(d.id, s.id, active=False)
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    for r in c.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))):  # made by the schedule before the pause
+        c.delete_flow_run(r.id)
+"""
+
+
 class Stack:
     """A Prefect server on PostgreSQL plus process workers on one pool; ``env`` is what clients need."""
 
     def __init__(self, cfg: Config, name: str, *, workers: int = 3, worker_limit: int = 4,
-                 env: dict[str, str] | None = None, automation_settings: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, automation_settings: dict[str, str] | None = None,
+                 schedules: bool = False):
         self.cfg, self.name, self.n_workers, self.worker_limit = cfg, name, workers, worker_limit
         self.extra_env = dict(env or {})
         self.automation_settings = automation_settings or {}
+        self.schedules = schedules
         self.home = cfg.state_dir / f"prefect-{name}"
         self.port = 0
         self.api = ""
@@ -148,6 +164,8 @@ class Stack:
         self.sh(self._prefect(), "--no-prompt", "deploy", "--all")
         self.sh(sys.executable, "-c", "import json, sys; from fleetwright.automations import ensure; "
                 f"print(ensure(json.loads(sys.argv[1])))", json.dumps(self.automation_settings))
+        if not self.schedules:  # runs start when the test or benchmark says, not every 15 minutes
+            self.sh(sys.executable, "-c", _PAUSE_SCHEDULES)
 
     def start_worker(self, i: int) -> int:
         return start_process(self.worker_name(i), [self._prefect(), "worker", "start", "--pool", POOL,

@@ -133,7 +133,7 @@ def summary_md(run_id) -> str:
 
 
 def events(api: str, names: list[str], resource_ids: list[str]) -> list[dict]:
-    body = {"filter": {"event": {"name": names}, "resource": {"id": resource_ids}, "order": "ASC"}, "limit": 200}
+    body = {"filter": {"event": {"name": names}, "resource": {"id": resource_ids}, "order": "ASC"}, "limit": 50}
     req = urllib.request.Request(f"{api}/events/filter", data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
