@@ -64,6 +64,23 @@ def event_counts(api: str, since: str) -> dict[str, int]:
     return {x["value"]: x["count"] for x in r}
 
 
+def _wait_final(run_id, timeout: float):
+    """Poll the run until it is final; a busy server's 5xx answers are waited out, not fatal."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as c:
+        while time.monotonic() < deadline:
+            try:
+                fr = c.read_flow_run(run_id)
+                if fr.state and fr.state.is_final():
+                    return fr
+            except Exception as e:  # noqa: BLE001
+                print(f"  (server busy: {type(e).__name__}; polling again)", flush=True)
+            time.sleep(1.0)
+    raise TimeoutError(f"flow run {run_id} not final after {timeout:.0f}s")
+
+
 class Sampler(threading.Thread):
     """Samples RSS every second: each worker with the flow-run processes it started; the server."""
 
@@ -121,9 +138,10 @@ def run_size(n: int, args, cfg) -> dict:
             since = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 5))
             sampler.start()
             t0 = time.monotonic()
-            fr = run_deployment("reconcile-fleet/reconcile-fleet", timeout=7200, poll_interval=1,
+            fr = run_deployment("reconcile-fleet/reconcile-fleet", timeout=0,
                                 parameters={"shard_size": shard_size, "parallel_shards": parallel,
                                             "batch_size": args.batch_size, "max_workers": args.threads})
+            fr = _wait_final(fr.id, 7200)
             seconds = time.monotonic() - t0
             ended = time.monotonic()
             print(f"[sweep {n}] {fr.state.type.value}/{fr.state.name} in {seconds:.1f}s: {fr.state.message}", flush=True)

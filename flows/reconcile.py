@@ -45,7 +45,7 @@ from tasks.blocks import connections
 from tasks.cluster import Outcome, _observe as observe_once, converge, drift_lines, plan_rows
 from tasks.definitions import pin
 from tasks.guard import RemovalGuard, current as removal_guard, install as install_guard
-from tasks.locks import api_share, share_of
+from tasks.locks import api_share, ensure_api_limits, share_of
 from tasks.report import merge_summaries, publish, publish_summary, summarise
 
 from .common import DEFAULT_ACTOR, DefinitionsSource, default_source, in_threads, load_definitions, run_key
@@ -227,6 +227,7 @@ def _run_shards(names: list[str], *, source, dry_run: bool, batch_size: int, max
     size = math.ceil(len(names) / n)  # even shards
     chunks = [names[i:i + size] for i in range(0, len(names), size)]
     shares = {api: share_of(api, parallel_shards) for api in sorted(apis)}
+    ensure_api_limits()  # made once here, not by every shard at once
     rows = [{"shard": f"{i + 1}/{len(chunks)}", "clusters": len(c), "attempts": 0, "runs": [], "state": "",
              "note": ""} for i, c in enumerate(chunks)]
 

@@ -255,6 +255,8 @@ def _ensure_concurrency_limit(name: str, limit: int) -> None:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
             except ObjectAlreadyExists:
                 pass
+            except Exception:  # noqa: BLE001 - two creators at once: PostgreSQL's unique violation comes back as a 500
+                client.read_global_concurrency_limit_by_name(name)  # it exists now, or this raises
     _known.add(name)
 
 
