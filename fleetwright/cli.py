@@ -225,12 +225,49 @@ def schema(output: Optional[Path] = typer.Option(None, "--output", "-o")) -> Non
 
 @app.command()
 def demo(keep: bool = typer.Option(False, "--keep", help="Leave the test environment, Prefect server and worker running"),
+         stop: bool = typer.Option(False, "--stop", help="Stop a demo left running by --keep (worker, server, test environment)"),
          port: int = typer.Option(4200, "--port", help="The Prefect server's port"),
-         record: bool = typer.Option(True, "--record/--no-record", help="Write step timings to bench/RESULTS.md")) -> None:
+         record: bool = typer.Option(False, "--record/--no-record", help="Write step timings to bench/RESULTS.md")) -> None:
     """Run the example fleet end to end on this machine: test environment, Prefect server, worker, flows."""
-    from fleetwright.demo import run
+    from fleetwright import demo as d
 
-    raise typer.Exit(run(keep=keep, port=port, record=record))
+    if stop and keep:
+        typer.echo("error: --stop and --keep exclude each other", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(d.stop() if stop else d.run(keep=keep, port=port, record=record))
+
+
+@app.command()
+def kubeconfig(cluster: str = typer.Argument(..., help="The Cluster's name"),
+               definitions: Optional[Path] = typer.Option(None, "--definitions", "-d", help="The definitions directory "
+                                                          "(default: as the flows: $FLEETWRIGHT_DEFINITIONS_REPO, "
+                                                          "$FLEETWRIGHT_DEFINITIONS, else examples/fleet)"),
+               output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file (mode 0600) "
+                                                     "instead of stdout")) -> None:
+    """Print a kubeconfig for CLUSTER, with credentials from its backend (as `clusterctl get kubeconfig`).
+
+    The credentials come from the same blocks (or connections file) the flows use. An EKS token
+    lasts 15 minutes, as one from `aws eks get-token`. The kubeconfig holds a secret: it is written
+    only to stdout or to FILE, never logged.
+    """
+    from fleetwright.kubeconfig import kubeconfig_for, write_private
+    from models.resolve import resolve
+    from tasks.definitions import DefinitionsSource, default_source, load_definitions
+
+    try:
+        src = DefinitionsSource(path=str(definitions)) if definitions else default_source()
+        defs, _ = load_definitions.fn(src)
+        if cluster not in defs.clusters:
+            typer.echo(f"error: no Cluster {cluster!r}; known: {', '.join(sorted(defs.clusters))}", err=True)
+            raise typer.Exit(2)
+        text = kubeconfig_for(resolve(defs, cluster))
+    except FleetwrightError as e:
+        _fail(e)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        write_private(output, text)
+        typer.echo(f"wrote {output} (mode 0600)", err=True)
 
 
 webhook_app = typer.Typer(no_args_is_help=True, help="The Git webhook receiver: a push starts sync-from-git.")

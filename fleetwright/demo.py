@@ -11,9 +11,14 @@
    upgrade one cluster by a minor version (bumped in Git first); change things
    behind fleetwright's back; and let reconcile-fleet report and correct them.
 
-It prints progress, the Prefect UI address and a summary, and records the
-wall time of each step and the orchestration overhead in bench/RESULTS.md.
-``--keep`` leaves everything running.
+It prints progress, the Prefect UI address and a summary; ``--record`` also writes
+the wall time of each step and the orchestration overhead to bench/RESULTS.md.
+Every run starts a fresh Prefect database (a kept demo's server and worker are
+stopped first), and the 15-minute reconcile-fleet schedule stays paused while the
+scenario runs. ``--keep`` leaves everything running (the schedule then resumes);
+``fleetwright demo --stop`` stops a kept demo: worker, server and test environment.
+Imperative runs name a person (``alice``, of the platform role): the automation
+identity may only converge what is in Git.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "fleet"
 AWS_CLUSTER, VSPHERE_CLUSTER, METAL_CLUSTER = "us-web-staging", "dc1-web-dev", "edge-lab-01"
+ACTOR = "alice"  # the person who starts the demo's imperative runs (platform role in examples/fleet/policy.yaml)
+SWEEP = "reconcile-fleet/reconcile-fleet"
 T0 = time.monotonic()
 
 
@@ -74,7 +81,39 @@ def _wait_http(url: str, timeout: float) -> None:
     raise SystemExit(f"demo: {url} did not answer in {timeout:.0f}s")
 
 
-def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
+def stop() -> int:
+    """Stop a demo left running by ``--keep``: worker, Prefect server, test environment."""
+    import testenv
+    from testenv import common
+
+    cfg = common.Config.from_env()
+    for name in ("prefect-worker", "prefect-server"):
+        say(f"{name}: {'stopped' if common.stop_process(name, cfg) else 'not running'}")
+    testenv.down(cfg)
+    say(f"test environment in {cfg.state_dir} stopped")
+    return 0
+
+
+def _set_sweep_schedule(active: bool) -> None:
+    """Pause (and drop already scheduled runs of) or resume the reconcile-fleet schedule."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as c:
+        dep = c.read_deployment_by_name(SWEEP)
+        for sch in dep.schedules:
+            c.update_deployment_schedule(dep.id, sch.id, active=active)
+        if not active:
+            waiting = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                       flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                                           type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+            for fr in waiting:
+                c.delete_flow_run(fr.id)
+
+
+def run(keep: bool = False, port: int = 4200, record: bool = False) -> int:
     import testenv
     from testenv import common, hosts, kube
     from testenv.connections import write_connections
@@ -121,10 +160,14 @@ def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
                 FLEETWRIGHT_RETRY_BASE_SECONDS="0.5",
                 PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     prefect = str(Path(sys.executable).parent / "prefect")
-    if not common.is_running("prefect-server", cfg):
-        say(f"starting the Prefect server on 127.0.0.1:{port} (SQLite in {state / 'prefect'})")
-        common.start_process("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                             log=cfg.log_dir / "prefect-server.log", env=penv, cfg=cfg)
+    for name in ("prefect-worker", "prefect-server"):  # a kept demo's: this run starts clean
+        if common.stop_process(name, cfg):
+            say(f"stopped the {name} of an earlier demo")
+    shutil.rmtree(state / "prefect", ignore_errors=True)  # a fresh database: no old runs, no active schedule
+    shutil.rmtree(state / "results", ignore_errors=True)
+    say(f"starting the Prefect server on 127.0.0.1:{port} (SQLite in {state / 'prefect'})")
+    common.start_process("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                         log=cfg.log_dir / "prefect-server.log", env=penv, cfg=cfg)
     _wait_http(f"{api}/health", 90)
     timings.append(("Prefect server ready", time.monotonic() - t, {}))
 
@@ -136,26 +179,29 @@ def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
     say("deploying every flow from prefect.yaml")
     sh(prefect, "--no-prompt", "deploy", "--all", env=penv, cwd=ROOT)
     _pause("sync-from-git-poll/sync-from-git-poll")  # the demo pushes on purpose; the lost-webhook poll stays out of it
-    if not common.is_running("prefect-worker", cfg):
-        common.start_process("prefect-worker", [prefect, "worker", "start", "--pool", "fleetwright", "--limit", "8"],
-                             log=cfg.log_dir / "prefect-worker.log", env=penv, cfg=cfg, cwd=ROOT)
+    _set_sweep_schedule(active=False)  # no scheduled sweep in the middle of the scenario
+    say("reconcile-fleet's 15-minute schedule is paused while the demo runs")
+    common.start_process("prefect-worker", [prefect, "worker", "start", "--pool", "fleetwright", "--limit", "8"],
+                         log=cfg.log_dir / "prefect-worker.log", env=penv, cfg=cfg, cwd=ROOT)
     timings.append(("blocks, pool, deployments, worker", time.monotonic() - t, {}))
     say(f"Prefect UI: http://127.0.0.1:{port}")
 
     # 5. the scenario
     results: list[dict] = []
 
-    def deploy(name: str, **params) -> dict:
+    def deploy(name: str, actor: str | None = ACTOR, **params) -> dict:
         from prefect.deployments import run_deployment
 
         t1 = time.monotonic()
-        fr = run_deployment(name=f"{name}/{name}", parameters=params, timeout=1800, poll_interval=2)
+        fr = run_deployment(name=f"{name}/{name}", parameters=params | ({"actor": actor} if actor else {}),
+                            timeout=1800, poll_interval=2)
         seconds = time.monotonic() - t1
         row = {"flow": name, "params": params, "state": fr.state.name if fr.state else "?", "seconds": round(seconds, 1),
                "run": str(fr.id), **_overhead(fr.id)}
         results.append(row)
         say(f"{name} {json.dumps(params)}: {row['state']} in {seconds:.1f}s "
-            f"(backends {row['backend_seconds']:.1f}s, orchestration {row['overhead_seconds']:.1f}s)")
+            f"(backends {row['backend_seconds']:.1f}s, orchestration {row['overhead_seconds']:.1f}s)"
+            + (f" started by {actor}" if actor else " (automation)"))
         for line in _cluster_table(name, fr.id):
             print(f"          {line}", flush=True)
         return row
@@ -178,8 +224,9 @@ def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
     step(f"upgrade {AWS_CLUSTER} 1.20 -> 1.21 (bumped in Git first)",
          lambda: deploy("upgrade-cluster", cluster=AWS_CLUSTER, to_version="1.21"))
     step("change things behind fleetwright's back", lambda: _out_of_band(conns))
-    step("reconcile-fleet: report and correct", lambda: deploy("reconcile-fleet", selector={}))
-    step("reconcile-fleet again: nothing left to correct", lambda: deploy("reconcile-fleet", selector={"tier": "web", "env": "dev"}))
+    step("reconcile-fleet: report and correct", lambda: deploy("reconcile-fleet", actor=None, selector={}))
+    step("reconcile-fleet again: nothing left to correct",
+         lambda: deploy("reconcile-fleet", actor=None, selector={"tier": "web", "env": "dev"}))
 
     # summary
     print("\nSummary")
@@ -188,7 +235,10 @@ def run(keep: bool = False, port: int = 4200, record: bool = True) -> int:
     print(f"\nPrefect UI: http://127.0.0.1:{port}   (definitions repo: {repo})")
     if record:
         _record(timings, results)
-    if not keep:
+    if keep:
+        _set_sweep_schedule(active=True)
+        say("kept running; reconcile-fleet runs every 15 minutes again. Stop it all with: fleetwright demo --stop")
+    else:
         say("stopping (use --keep to explore)")
         for name in ("prefect-worker", "prefect-server"):
             common.stop_process(name, cfg)
@@ -247,9 +297,11 @@ def _out_of_band(conns: Path) -> None:
     eks = boto3.client("eks", endpoint_url=a.endpoint_url, region_name="us-east-1",
                        aws_access_key_id=a.access_key_id.get_secret_value(),
                        aws_secret_access_key=a.secret_access_key.get_secret_value())
+    # scaled below its definition (2): restoring capacity is a repair the sweep makes by itself (a scale-down
+    # would be destructive and wait for a person's approval)
     eks.update_nodegroup_config(clusterName=AWS_CLUSTER, nodegroupName="general",
-                                scalingConfig={"minSize": 1, "maxSize": 20, "desiredSize": 5})
-    say(f"{AWS_CLUSTER}: scaled node group general to 5 in the AWS API")
+                                scalingConfig={"minSize": 1, "maxSize": 20, "desiredSize": 1})
+    say(f"{AWS_CLUSTER}: scaled node group general down to 1 in the AWS API")
     m = resolve(load_path(EXAMPLES), METAL_CLUSTER)
     mapi = api_client(registry.infrastructure(m, c).kube_access(m))
     k8s.CoreV1Api(mapi).patch_namespaced_config_map("prometheus-settings", "monitoring", {"data": {"retention": "1h"}})

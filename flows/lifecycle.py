@@ -25,6 +25,7 @@ from tasks.guard import record_imperative
 from tasks.report import publish
 
 from .windows import SecurityOverride, WindowGate
+from .approvals import second_person
 from .common import (DEFAULT_ACTOR, DefinitionsSource, default_source, finish, gate, load_definitions, run_key,
                      run_waves, waves_markdown)
 
@@ -40,7 +41,7 @@ def _desired(defs, name: str, flow_name: str):
 
 @flow(name="create-cluster", log_prints=True)
 def create_cluster(cluster: str, source: Optional[DefinitionsSource] = None, dry_run: bool = False,
-                   actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None) -> dict:
+                   actor: Optional[str] = None, idempotency_key: Optional[str] = None) -> dict:
     """Create a cluster: infrastructure, control plane, node pools, components in order, workspaces.
 
     Re-running it after success changes nothing; after a crash, it finishes the job.
@@ -48,14 +49,16 @@ def create_cluster(cluster: str, source: Optional[DefinitionsSource] = None, dry
     defs, old = load_definitions(source or default_source())
     gate(defs, old, actor, "create", flow="create-cluster", cluster=cluster)
     desired = _desired(defs, cluster, "create-cluster")
+    approval = second_person(defs, [desired], actor=actor, flow="create-cluster", what="create-cluster", dry_run=dry_run,
+                             pending=lambda d: converge(d, dry_run=True, idempotency_key="preview"))
     outcome = converge(desired, dry_run=dry_run, idempotency_key=run_key(idempotency_key))
-    return finish("create-cluster", [outcome], dry_run=dry_run)
+    return finish("create-cluster", [outcome], dry_run=dry_run) | {"approval": approval}
 
 
 @flow(name="upgrade-cluster", log_prints=True)
 def upgrade_cluster(cluster: str, to_version: str = Field(..., pattern=r"^1\.[0-9]{1,2}$"),
                     source: Optional[DefinitionsSource] = None, dry_run: bool = False,
-                    actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None,
+                    actor: Optional[str] = None, idempotency_key: Optional[str] = None,
                     now: Optional[datetime] = None, security_override: Optional[SecurityOverride] = None) -> dict:
     """Upgrade Kubernetes one minor version at a time, control plane first, a health gate after each step.
 
@@ -66,17 +69,21 @@ def upgrade_cluster(cluster: str, to_version: str = Field(..., pattern=r"^1\.[0-
     gate(defs, old, actor, "upgrade", flow="upgrade-cluster", cluster=cluster)
     desired = _desired(defs, cluster, "upgrade-cluster")
     target = desired.model_copy(update={"kubernetes_version": to_version, "hash": f"{desired.hash}-k8s{to_version}"})
+    approval = second_person(defs, [target], actor=actor, flow="upgrade-cluster", what=f"upgrade-cluster to {to_version}",
+                             dry_run=dry_run, pending=lambda d: converge(d, dry_run=True, idempotency_key="preview",
+                                                                         step_filter=lambda s: s.action in _UPGRADES))
     win = WindowGate(defs, flow="upgrade-cluster", actor=actor, dry_run=dry_run, now=now, override=security_override)
     win.ask_override({cluster: target})
     outcome = converge(target, dry_run=dry_run, idempotency_key=run_key(idempotency_key),
                        step_filter=lambda s: s.action in _UPGRADES, guard=win.guard(target))
-    return finish("upgrade-cluster", [outcome], dry_run=dry_run, extra_md=win.finish()) | {"windows": win.record()}
+    return finish("upgrade-cluster", [outcome], dry_run=dry_run, extra_md=win.finish()) | {"windows": win.record(),
+                                                                                  "approval": approval}
 
 
 @flow(name="add-component", log_prints=True)
 def add_component(component: str, selector: dict[str, str], values: dict = {},  # noqa: B006 (a form default)
                   source: Optional[DefinitionsSource] = None, waves: WavePolicy = WavePolicy(),
-                  dry_run: bool = False, actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None,
+                  dry_run: bool = False, actor: Optional[str] = None, idempotency_key: Optional[str] = None,
                   write_back: WriteBack = "push", record_in_git: bool = True, now: Optional[datetime] = None,
                   security_override: Optional[SecurityOverride] = None) -> dict:
     """Add a component to every cluster the label selector picks, translated per backend, in waves.
@@ -135,8 +142,8 @@ def add_component(component: str, selector: dict[str, str], values: dict = {},  
             record_imperative(n, component, key, actor)
     win = WindowGate(defs, flow="add-component", actor=actor, dry_run=dry_run, now=now, override=security_override)
     win.ask_override(desired)
-    outcomes, record = run_waves("add-component", desired, waves, dry_run=dry_run, idempotency_key=key,
-                                 step_filter=only_component, versions_matter=False, windows=win)
+    outcomes, record = run_waves("add-component", desired, waves, dry_run=dry_run, idempotency_key=key, defs=defs,
+                                 actor=actor, step_filter=only_component, versions_matter=False, windows=win)
     out = finish("add-component", outcomes, dry_run=dry_run,
                  extra_md="\n\n".join(x for x in (waves_markdown(record), wb_md, win.finish()) if x))
     return out | {"waves": record, "write_back": wb.to_dict() if wb else {"mode": "dry-run" if dry_run else mode},
@@ -186,7 +193,7 @@ def rollout_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSou
         step_filter = lambda s: s.action in _UPGRADES  # noqa: E731
     win = WindowGate(defs, flow="rollout-fleet", actor=actor, dry_run=dry_run, now=now, override=security_override)
     win.ask_override(desired)
-    outcomes, record = run_waves("rollout-fleet", desired, waves, dry_run=dry_run,
+    outcomes, record = run_waves("rollout-fleet", desired, waves, dry_run=dry_run, defs=defs, actor=actor,
                                  idempotency_key=run_key(idempotency_key), step_filter=step_filter, windows=win)
     return finish("rollout-fleet", outcomes, dry_run=dry_run, extra_md=waves_markdown(record) + "\n\n" + win.finish()) \
         | {"waves": record, "windows": win.record()}
@@ -194,7 +201,7 @@ def rollout_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSou
 
 @flow(name="onboard-team", log_prints=True)
 def onboard_team(team: str, source: Optional[DefinitionsSource] = None, dry_run: bool = False,
-                 actor: str = DEFAULT_ACTOR, idempotency_key: Optional[str] = None) -> dict:
+                 actor: Optional[str] = None, idempotency_key: Optional[str] = None) -> dict:
     """Namespaces, RBAC, quota, limits, default-deny network policy and GitOps source on every granted cluster."""
     from models.resolve import placed
 
@@ -211,16 +218,21 @@ def onboard_team(team: str, source: Optional[DefinitionsSource] = None, dry_run:
         return lambda s: (s.action.startswith("workspace.") and s.object == team) or \
             (s.action == "component.install" and s.object in gitops)
 
+    approval = second_person(defs, [r.resolve(n) for n in names], actor=actor, flow="onboard-team",
+                             what=f"onboard-team {team}", dry_run=dry_run,
+                             pending=lambda d: converge(d, dry_run=True, idempotency_key="preview",
+                                                        step_filter=for_team(d), versions_matter=False))
+
     from .common import in_threads
 
     outcomes = in_threads(lambda n: converge((d := r.resolve(n)), dry_run=dry_run, idempotency_key=key,
                                              step_filter=for_team(d), versions_matter=False), names)
-    return finish("onboard-team", outcomes, dry_run=dry_run)
+    return finish("onboard-team", outcomes, dry_run=dry_run) | {"approval": approval}
 
 
 @flow(name="decommission-cluster", log_prints=True)
 def decommission_cluster(cluster: str, confirm: str = "", source: Optional[DefinitionsSource] = None,
-                         dry_run: bool = False, actor: str = DEFAULT_ACTOR, force: bool = False) -> dict:
+                         dry_run: bool = False, actor: Optional[str] = None, force: bool = False) -> dict:
     """Delete a cluster: only what carries fleetwright's marks. Refused for clusters labelled protected.
 
     ``confirm`` must repeat the cluster's name. ``force`` skips the in-cluster phase, for a cluster
@@ -235,8 +247,10 @@ def decommission_cluster(cluster: str, confirm: str = "", source: Optional[Defin
         raise PermanentError(f"{cluster} is protected (label fleetwright.io/protected=true): remove the label in Git first")
     if confirm != cluster and not dry_run:
         raise PermanentError(f"confirm must repeat the cluster's name ({cluster!r})")
+    approval = second_person(defs, [desired], actor=actor, flow="decommission-cluster", what="decommission-cluster",
+                             dry_run=dry_run)
     if dry_run:
         return finish("decommission-cluster", [Outcome(cluster, Status.PLANNED, [{"#": 1, "action": "delete", "object": cluster,
                                                                              "target": "all", "reason": "decommission"}])], dry_run=True)
     done = decommission(desired, force=force)
-    return finish("decommission-cluster", [Outcome(cluster, Status.CONVERGED, done=done)], dry_run=False)
+    return finish("decommission-cluster", [Outcome(cluster, Status.CONVERGED, done=done)], dry_run=False) | {"approval": approval}

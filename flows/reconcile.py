@@ -18,6 +18,10 @@ or refused clusters emit ``fleetwright.cluster.failed`` and end the run ``Failed
 ``correct`` mode is repaired under its lock. Clusters that do not exist yet are reported as
 absent: creating is ``create-cluster``'s job. A sweep that starts while another one still runs
 is skipped (state ``Skipped``, saying which run) instead of queueing behind it.
+
+Destructive repairs (removals, node-pool deletion or replacement, scale-down) are never made by
+the sweep itself: the shards hold them, and the fleet run asks once, at the end, for a person's
+approval of all of them (``flows.approvals``); the run's name is then ``Drift`` until approved.
 """
 from __future__ import annotations
 
@@ -42,12 +46,13 @@ from models.plan import plan
 from models.resolve import Resolver, matches
 from models.status import PROBLEMS, Status
 from tasks.blocks import connections
-from tasks.cluster import Outcome, _observe as observe_once, converge, drift_lines, plan_rows
+from tasks.cluster import Outcome, _observe as observe_once, drift_lines, plan_rows
 from tasks.definitions import pin
 from tasks.guard import RemovalGuard, current as removal_guard, install as install_guard
 from tasks.locks import api_share, ensure_api_limits, share_of
 from tasks.report import merge_summaries, publish, publish_summary, summarise
 
+from .approvals import SWEEP_TIMEOUT_SECONDS, approval_markdown, approve_held, approve_held_in_summary, correct_holding
 from .common import DEFAULT_ACTOR, DefinitionsSource, default_source, in_threads, load_definitions, run_key
 from .windows import WindowGate
 
@@ -92,13 +97,10 @@ def check_one(desired: DesiredCluster, dry_run: bool, idempotency_key: str,
     if desired.drift_mode == "report" or dry_run:
         return Outcome(desired.name, Status.DRIFT, plan_rows(p), drift=drift, reason=f"{len(p.steps)} step(s) to converge",
                        seconds=time.monotonic() - t0)
-    out = converge(desired, dry_run=False, idempotency_key=idempotency_key,
-                   step_filter=guard.allows if guard is not None else None,
-                   guard=windows and windows.guard(desired))  # repairs wait for the cluster's maintenance window
-    out.drift = drift
-    if out.status == Status.CONVERGED:
-        out.status = Status.CORRECTED
-    return out
+    # destructive steps wait for an approval (flows.approvals); the guard keeps what a rollout or an imperative add
+    # wants; repairs wait for the cluster's maintenance window
+    return correct_holding(desired, p, drift, idempotency_key, allow=guard.allows if guard is not None else None,
+                           window=windows and windows.guard(desired))
 
 
 def observe_batch(desired: list[DesiredCluster]) -> dict[str, ObservedCluster | Exception]:
@@ -145,9 +147,15 @@ def final_state(flow_name: str, summary: dict):
     counts = summary["counts"]
     drift = [c["cluster"] for c in summary["clusters"] if c["status"] == Status.DRIFT]
     bad = [c["cluster"] for c in summary["clusters"] if c["status"] in PROBLEMS]
+    held = [c["cluster"] for c in summary["clusters"] if c["status"] == Status.AWAITING_APPROVAL]
     tally = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
     retried = summary.get("retried_shards") or []
     extra = f"; shards re-run after their worker died: {len(retried)}" if retried else ""
+    if held:  # drift that stays: destructive repairs a person did not approve
+        extra += f"; destructive repairs not approved, nothing destructive done: {_listed(held)}"
+        if not bad and not drift:
+            msg = f"{flow_name}: {len(held)} cluster(s) keep drift that needs a destructive repair ({tally}){extra}"
+            return Completed(name="Drift", message=msg, data=summary)
     if bad:
         msg = (f"{flow_name}: {len(bad)} cluster(s) failed or refused: {_listed(bad)}"
                + (f"; drift reported on {len(drift)}: {_listed(drift)}" if drift else "") + f" ({tally}){extra}")
@@ -297,7 +305,8 @@ def _shards_md(rows: list[dict]) -> str:
 def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSource] = None,  # noqa: B006
                     batch_size: int = 50, max_workers: int = 8, dry_run: bool = False,
                     shard_size: int = 500, parallel_shards: int = 3, shard_retries: int = 1,
-                    shard_timeout_seconds: float = 3600.0, now: Optional[datetime] = None):
+                    shard_timeout_seconds: float = 3600.0, now: Optional[datetime] = None,
+                    approval_timeout_seconds: int = SWEEP_TIMEOUT_SECONDS):
     """Sweep the fleet for drift in shards; report or correct each cluster by its drift mode; one summary artifact.
 
     It observes and reports at any time; a repair waits for the cluster's maintenance window (deferred,
@@ -305,6 +314,8 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
 
     ``shard_size``: clusters per shard run (0: no shards). ``parallel_shards``: how many shards are
     expected to run at once (each holds 1/parallel_shards of every API's limit; more wait).
+    ``approval_timeout_seconds``: how long the sweep waits, at its end, for a person to approve the
+    destructive repairs it held (none are made without one).
     """
     log = get_run_logger()
     t0 = time.monotonic()
@@ -329,21 +340,28 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
                                     max_workers=max_workers, key=key, shard_size=shard_size,
                                     parallel_shards=parallel_shards, shard_retries=shard_retries, apis=apis,
                                     poll_seconds=2.0, timeout_seconds=shard_timeout_seconds, now=now)
+        summary, approval = approve_held_in_summary(summary, definitions=lambda: load_definitions(src)[0],
+                                                    flow="reconcile-fleet", idempotency_key=key,
+                                                    timeout=approval_timeout_seconds, max_workers=max_workers)
         retried = f" {len(summary['retried_shards'])} shard(s) re-run after a crash: " \
                   f"{', '.join(summary['retried_shards'])}." if summary["retried_shards"] else ""
         publish_summary("reconcile-fleet", summary, dry_run=dry_run,
                         extra_md=f"Swept {summary['total']} clusters in {time.monotonic() - t0:.1f}s "
-                                 f"in {len(rows)} shard runs.{retried}\n\n" + _shards_md(rows))
+                                 f"in {len(rows)} shard runs.{retried}\n\n" + _shards_md(rows)
+                                 + ("\n\n" + approval_markdown([approval]) if approval else ""))
     else:
         desired = [r.resolve(n) for n in names]
         shares = {api: share_of(api, 1) for api in _apis(desired)}
         win = WindowGate(defs, flow="reconcile-fleet", actor=DEFAULT_ACTOR, dry_run=dry_run, now=now)
         with api_share(shares):
             outcomes = _sweep(desired, dry_run, key, batch_size, max_workers, win)
+        outcomes, approval = approve_held(outcomes, definitions=lambda: defs, flow="reconcile-fleet", idempotency_key=key,
+                                          timeout=approval_timeout_seconds, max_workers=max_workers, window=win.guard)
         publish("reconcile-fleet", outcomes, dry_run=dry_run,
                 extra_md=f"Swept {len(outcomes)} clusters in {time.monotonic() - t0:.1f}s "
                          f"({math.ceil(len(outcomes) / batch_size)} batches of up to {batch_size}).\n\n{guard.markdown()}"
-                         "\n\n" + win.finish())
+                         "\n\n" + win.finish() + ("\n\n" + approval_markdown([approval]) if approval else ""))
         summary = summarise(outcomes, windows=win.record())
+    summary["approval"] = approval
     log.info("fleet: %s", ", ".join(f"{k}={v}" for k, v in sorted(summary["counts"].items())))
     return final_state("reconcile-fleet", summary)

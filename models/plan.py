@@ -11,12 +11,17 @@ Order: infrastructure, control plane, upgrades one minor version at a time
 (control plane before node pools), scaling, new node pools, components in
 dependency order, workspaces, then removals (workspaces, components in reverse
 dependency order, node pools).
+
+Destructive steps (``Step.destructive``) take capacity or things away: removals, node-pool
+deletion or replacement, a scale-down below what runs now (VMs removed, hosts reset), fewer
+control-plane replicas. A scheduled sweep never runs them by itself: they wait for a person's
+approval (``flows.approvals``).
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel, ConfigDict
 
@@ -43,6 +48,7 @@ class Step:
     object: str
     reason: str
     params: dict[str, Any] = field(default_factory=dict)
+    destructive: bool = False
 
     def __str__(self) -> str:
         return f"{self.action} {self.object}: {self.reason}"
@@ -188,4 +194,23 @@ def plan(desired: DesiredCluster, observed: ObservedCluster) -> Plan:
     for pool in sorted(set(observed.node_pools) - {p.name for p in desired.node_pools}):
         add("nodePool.delete", pool, f"node pool {pool} is no longer in the model")
 
+    steps = [replace(s, destructive=True) if _destructive(s, observed) else s for s in steps]
     return construct(Plan, cluster=name, desired_hash=desired.hash, steps=[] if refused and not steps else steps, refused=refused)
+
+
+_ALWAYS_DESTRUCTIVE = frozenset({"component.remove", "workspace.remove", "nodePool.delete", "nodePool.update"})
+
+
+def _destructive(s: Step, observed: ObservedCluster) -> bool:
+    """Removes something or takes capacity down: removals, pool deletion/replacement, scaling below what runs."""
+    if s.action in _ALWAYS_DESTRUCTIVE:  # nodePool.update replaces the pool's machines
+        return True
+    if s.action == "nodePool.scale":
+        op = observed.node_pools.get(s.object)
+        now = op.replicas if op is not None else None
+        want = [v for v in (s.params.get("replicas"), s.params.get("maxSize")) if isinstance(v, int)]
+        return now is not None and any(v < now for v in want)
+    if s.action == "controlPlane.scale":
+        now = observed.control_plane_replicas
+        return now is not None and isinstance(s.params.get("replicas"), int) and s.params["replicas"] < now
+    return False

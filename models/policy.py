@@ -15,7 +15,34 @@ Rules, in order:
     protected standard component on any cluster, by whatever route (overrides,
     variables, the cluster's component list). Checked on the resolved clusters.
 
-A denial names its rule, the object and the field.
+Who starts an action (``authorize``, checked before ``platform-all``):
+
+``person-required``
+    An imperative action (create, upgrade, add_component, onboard_team, decommission) names the
+    person who starts it. There is no default actor.
+``automation-git-only``
+    The automation identity (``fleetwright-automation``) only converges what is committed in
+    Git: sweeps and rollouts of the definitions (``reconcile``). It may not create, upgrade by
+    parameter, add or change components by parameter, onboard, or decommission, whatever roles a
+    policy gives it.
+
+Approvals (``judge_approval``) for clusters labelled ``fleetwright.io/approval: required`` and
+for a sweep's destructive repairs:
+
+``approval-rejected``
+    The approver said no.
+``approver-named``
+    An approval names the person who gives it.
+``approver-is-a-person``
+    The automation identity never approves.
+``second-person``
+    The approver is not the person who started the action.
+``approver-authorized``
+    The approver is in the platform role or in the team that owns every cluster concerned.
+
+A denial names its rule, the object and the field. Open-source Prefect has no user identity:
+names come from run parameters and approval forms, so put the UI behind an authenticating proxy
+(see the README).
 """
 from __future__ import annotations
 
@@ -174,6 +201,30 @@ def _semver(v: str) -> tuple:
 
 
 ACTIONS = ("create", "upgrade", "add_component", "onboard_team", "reconcile", "decommission")
+IMPERATIVE = ("create", "upgrade", "add_component", "onboard_team", "decommission")
+AUTOMATION = "fleetwright-automation"
+AUTOMATION_ACTIONS = ("reconcile",)  # converge the committed definitions: sweeps and rollouts
+
+
+def is_automation(name: str | None) -> bool:
+    return (name or "").strip() == AUTOMATION
+
+
+def _identity(actor: Actor, action: str, obj: str) -> list[Denial]:
+    """``person-required`` and ``automation-git-only``: before any role is looked at."""
+    name = (actor.name or "").strip()
+    if is_automation(name) and action not in AUTOMATION_ACTIONS:
+        what = {"decommission": "may not decommission a cluster",
+                "add_component": "may not add or change components by parameter",
+                "upgrade": "may not change a Kubernetes version by parameter"}.get(action, f"may not {action.replace('_', ' ')}")
+        return [Denial("automation-git-only", obj, "actor",
+                       f"{AUTOMATION} only converges what is committed in Git (sweeps and rollouts); it {what}: "
+                       "name the person who starts this")]
+    if not name and action in IMPERATIVE:
+        return [Denial("person-required", obj, "actor",
+                       f"{action.replace('_', ' ')} is started by a person: set the actor parameter to your name "
+                       "(there is no default actor)")]
+    return []
 
 
 def authorize(defs: Definitions, actor: Actor, action: str, cluster: str | None = None,
@@ -182,8 +233,15 @@ def authorize(defs: Definitions, actor: Actor, action: str, cluster: str | None 
 
     Rules: ``platform-all``; ``platform-only-action`` (decommission, and anything on a cluster with no
     owner); ``cluster-owner-only``; ``own-workspace-only`` (onboard_team); ``protected-component``
-    (add_component of a protected component).
+    (add_component of a protected component). Before them, ``person-required`` and
+    ``automation-git-only`` (``_identity``), which no role overrides.
     """
+    obj = f"Cluster/{cluster}" if cluster else f"Team/{team}" if team else f"Component/{component}" if component else action
+    who = _identity(actor, action, obj)
+    if who:
+        return Verdict(actor.name, False, who[0].rule, who)
+    if is_automation(actor.name):  # converging the committed definitions: Git is the authority
+        return Verdict(actor.name, True, "automation-git-only")
     if actor.platform:
         return Verdict(actor.name, True, "platform-all")
     denials: list[Denial] = []
@@ -204,3 +262,32 @@ def authorize(defs: Definitions, actor: Actor, action: str, cluster: str | None 
     if denials:
         return Verdict(actor.name, False, denials[0].rule, denials)
     return Verdict(actor.name, True, "team-scope")
+
+
+def judge_approval(defs: Definitions, *, actor: str | None, approver: str | None, approve: bool,
+                   clusters: list[str], what: str) -> Verdict:
+    """Does this answer approve ``what`` on ``clusters``, started by ``actor``? See the module's rules."""
+    name = (approver or "").strip()
+    obj = ", ".join(f"Cluster/{c}" for c in clusters) or what
+    denials: list[Denial] = []
+    if not approve:
+        denials.append(Denial("approval-rejected", obj, "approve", f"{name or 'the approver'} did not approve {what}"))
+    elif not name:
+        denials.append(Denial("approver-named", obj, "approver", "an approval names the person who gives it"))
+    elif is_automation(name):
+        denials.append(Denial("approver-is-a-person", obj, "approver", f"{AUTOMATION} cannot approve: a person must"))
+    elif actor and name == actor.strip():
+        denials.append(Denial("second-person", obj, "approver",
+                              f"{name} started this and cannot approve it too: a second person must approve"))
+    else:
+        who = actor_from(defs, name)
+        if not who.platform:
+            owners = {c: (defs.clusters[c].spec.owner if c in defs.clusters else None) for c in clusters}
+            foreign = sorted(c for c, o in owners.items() if o is None or o not in who.teams)
+            if foreign:
+                denials.append(Denial("approver-authorized", ", ".join(f"Cluster/{c}" for c in foreign), "approver",
+                                      f"{name} is neither in the platform role nor in the team that owns "
+                                      f"{', '.join(foreign)}"))
+    if denials:
+        return Verdict(name, False, denials[0].rule, denials)
+    return Verdict(name, True, "approved")

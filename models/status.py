@@ -24,7 +24,7 @@ class Status(StrEnum):
     FAILED = "failed"                        # an error, or not converged after apply
     SKIPPED = "skipped"                      # deliberately not handled in this run (e.g. a sweep already running)
     SUPERSEDED = "superseded"                # a newer run took over this change
-    AWAITING_APPROVAL = "awaiting-approval"  # waits for a person to approve its wave
+    AWAITING_APPROVAL = "awaiting-approval"  # waits for a person: its wave, or a sweep's destructive repairs
 
     @classmethod
     def parse(cls, value: "str | Status") -> "Status":

@@ -159,6 +159,7 @@ class Outcome:
     drift: list[str] = field(default_factory=list)
     reason: str = ""
     seconds: float = 0.0
+    held: list[dict] = field(default_factory=list)  # destructive steps waiting for an approval (a sweep)
 
     def __setattr__(self, name, value) -> None:
         super().__setattr__(name, Status.parse(value) if name == "status" else value)

@@ -41,15 +41,7 @@ def onprem(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluste
 
     connections.cache_clear()
     yield {"root": root, "defs": defs, "connections": json.loads(conns.read_text())}
-    from flows.lifecycle import decommission_cluster
-    from tasks.definitions import DefinitionsSource
-
-    for name in ("dc1-web-dev", "edge-lab-01"):
-        try:
-            decommission_cluster(cluster=name, confirm=name, source=DefinitionsSource(path=str(root)))
-        except Exception:  # noqa: BLE001 - best effort: the hosts are removed below anyway
-            pass
-    for a in started:
+    for a in started:  # decommissioning is a test of its own (test_decommission_on_prem)
         hosts.remove_host(testenv_config, a)
     for k, v in saved.items():
         if v is None:
@@ -76,7 +68,7 @@ def test_create_cluster_on_prem_end_to_end(onprem, cluster):
     from tasks.definitions import DefinitionsSource
 
     src = DefinitionsSource(path=str(onprem["root"]))
-    out = create_cluster(cluster=cluster, source=src)
+    out = create_cluster(cluster=cluster, source=src, actor="alice")
     (c,) = out["clusters"]
     assert c["status"] == "converged", c
     api, access = _api(cluster, onprem)
@@ -90,5 +82,30 @@ def test_create_cluster_on_prem_end_to_end(onprem, cluster):
     if cluster == "dc1-web-dev":  # payments is granted tier=web clusters: its workspace is there
         assert {"payments", "payments-batch"} <= ns
         assert core.read_namespaced_resource_quota("team-quota", "payments").spec.hard["pods"] == "100"
-    again = create_cluster(cluster=cluster, source=src)
+    again = create_cluster(cluster=cluster, source=src, actor="alice")
     assert again["clusters"][0]["status"] == "in-sync"
+
+
+@pytest.mark.parametrize("cluster", ["edge-lab-01", "dc1-web-dev"])
+def test_decommission_on_prem(onprem, cluster):
+    """After create: decommission deletes what carries our marks (VMs by custom attribute, host markers)."""
+    from backends import registry
+    from backends.connections import Connections
+    from flows.lifecycle import decommission_cluster
+    from models.resolve import resolve
+    from tasks.definitions import DefinitionsSource
+
+    d = resolve(onprem["defs"], cluster)
+    infra = registry.infrastructure(d, Connections.model_validate(onprem["connections"]))
+    before = infra.observe(d)
+    assert before.exists and before.infrastructure, "create-cluster did not run first"
+    out = decommission_cluster(cluster=cluster, confirm=cluster, source=DefinitionsSource(path=str(onprem["root"])),
+                               actor="alice")
+    (c,) = out["clusters"]
+    assert c["status"] == "converged", c
+    assert [(s["step"], s["changed"]) for s in c["done"]] == [("in-cluster", True), ("infrastructure", True)]
+    after = infra.observe(d)
+    assert (after.exists, after.infrastructure, after.node_pools, after.components) == (False, False, {}, {})
+    again = decommission_cluster(cluster=cluster, confirm=cluster, source=DefinitionsSource(path=str(onprem["root"])),
+                                 actor="alice")
+    assert [(s["step"], s["changed"]) for s in again["clusters"][0]["done"]] == [("infrastructure", False)]

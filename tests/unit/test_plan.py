@@ -155,3 +155,49 @@ def test_autoscaling_from_yaml_and_overrides(example_files):
     assert d.node_pools[0].autoscaling is True
     before = resolve(load(example_files), "dc1-web-dev")
     assert before.node_pools[0].autoscaling is False and before.hash != d.hash
+
+
+def _pool(dev, **change):
+    p = dev.node_pools[0]
+    base = dict(replicas=p.replicas, min_size=p.min_size, max_size=p.max_size, version=dev.kubernetes_version, machine=p.machine)
+    return {p.name: ObservedNodePool(**(base | change))}
+
+
+def destructive(p):
+    return [(s.action, s.object) for s in p.steps if s.destructive]
+
+
+def test_removals_are_destructive(dev):
+    obs = observed_from(dev)
+    comps = dict(obs.components, oldthing=ObservedComponent(version="1.0.0"))
+    ws = dict(obs.workspaces, formerteam=ObservedWorkspace(hash="h"))
+    pools = dict(obs.node_pools, legacy=ObservedNodePool(replicas=1, min_size=1, max_size=1))
+    p = plan(dev, obs.model_copy(update={"components": comps, "workspaces": ws, "node_pools": pools}))
+    assert destructive(p) == [("workspace.remove", "formerteam"), ("component.remove", "oldthing"), ("nodePool.delete", "legacy")]
+
+
+def test_scale_down_below_current_is_destructive_scale_up_is_not(dev):
+    want = dev.node_pools[0].replicas
+    down = plan(dev, observed_from(dev).model_copy(update={"node_pools": _pool(dev, replicas=want + 2)}))
+    assert actions(down) == [("nodePool.scale", "general")] and destructive(down) == [("nodePool.scale", "general")]
+    up = plan(dev, observed_from(dev).model_copy(update={"node_pools": _pool(dev, replicas=max(want - 1, 0))}))
+    assert actions(up) == [("nodePool.scale", "general")] and destructive(up) == []
+    bounds = plan(dev, observed_from(dev).model_copy(update={"node_pools": _pool(dev, max_size=50)}))
+    assert actions(bounds) == [("nodePool.scale", "general")] and destructive(bounds) == []
+
+
+def test_pool_replacement_and_fewer_control_planes_are_destructive(dev):
+    obs = observed_from(dev)
+    changed = plan(dev, obs.model_copy(update={"node_pools": _pool(dev, machine={**dev.node_pools[0].machine, "cpus": 99})}))
+    assert destructive(changed) == [("nodePool.update", "general")]
+    more_cp = plan(dev, obs.model_copy(update={"control_plane_replicas": dev.control_plane.replicas + 2}))
+    assert destructive(more_cp) == [("controlPlane.scale", dev.name)]
+    fewer_cp = plan(dev, obs.model_copy(update={"control_plane_replicas": 0}))
+    assert actions(fewer_cp) == [("controlPlane.scale", dev.name)] and destructive(fewer_cp) == []
+
+
+def test_creation_upgrades_and_repairs_are_not_destructive(dev):
+    assert destructive(plan(dev, ObservedCluster(name=dev.name))) == []
+    obs = observed_from(dev)
+    comps = dict(obs.components, **{"ingress-nginx": ObservedComponent(version="1.9.0", hash="x")})
+    assert destructive(plan(dev, obs.model_copy(update={"components": comps}))) == []
