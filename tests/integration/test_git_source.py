@@ -73,7 +73,7 @@ def test_artifacts_name_the_commit(git_server, defs_repo):
     name, url = defs_repo
     # no backend connections here: the observation fails, and the run still leaves its artifacts
     state = create_cluster(cluster="edge-lab-01", source=DefinitionsSource(repo=url, ref="main"), dry_run=True,
-                           return_state=True)
+                           actor="alice", return_state=True)
     with get_client(sync_client=True) as c:
         arts = c.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["create-cluster-summary", "create-cluster-plan", "create-cluster-clusters"]),
