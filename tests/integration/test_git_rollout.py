@@ -51,6 +51,8 @@ def race_fleet(tmp_path_factory, testenv_config, kube_factory, prefect_api, _aws
     for sub in ("components", "models", "teams"):
         shutil.copytree(EXAMPLES / sub, root / sub)
     shutil.copy(EXAMPLES / "policy.yaml", root / "policy.yaml")
+    teams = root / "teams" / "teams.yaml"  # the example team is granted a cluster this fleet does not have
+    teams.write_text(teams.read_text().replace("clusters: [ml-train-dev]", "clusters: []"))
     (root / "clusters").mkdir()
     (root / "clusters" / "aws.yaml").write_text(CLUSTERS)
     run = os.urandom(3).hex()
