@@ -135,7 +135,7 @@ def crashy(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluste
 
     for name in CLUSTERS:
         try:
-            decommission_cluster(cluster=name, confirm=name, source=DefinitionsSource(path=str(root)))
+            decommission_cluster(cluster=name, confirm=name, source=DefinitionsSource(path=str(root)), actor="alice")
         except Exception:  # noqa: BLE001 - best effort: the hosts are removed below anyway
             pass
     for a in [a for v in addresses.values() for a in v]:
@@ -151,7 +151,7 @@ def crashy(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluste
 def start_run(crashy, cluster: str, key: str, log: Path) -> subprocess.Popen:
     code = ("from flows.lifecycle import create_cluster; from tasks.definitions import DefinitionsSource;"
             f"create_cluster(cluster={cluster!r}, source=DefinitionsSource(path={str(crashy['root'])!r}),"
-            f" idempotency_key={key!r})")
+            f" idempotency_key={key!r}, actor='alice')")
     out = open(log, "ab")
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), start_new_session=True,
                             stdout=out, stderr=subprocess.STDOUT)
@@ -265,7 +265,8 @@ def test_kill_at_several_points_then_resume_leaves_nothing_behind(crashy, cluste
     sampler = ArgvSampler()
     sampler.start()
     try:  # the same run once more (same idempotency key), in this process: it resumes and finishes
-        out = create_cluster(cluster=cluster, source=DefinitionsSource(path=str(crashy["root"])), idempotency_key=key)
+        out = create_cluster(cluster=cluster, source=DefinitionsSource(path=str(crashy["root"])), idempotency_key=key,
+                             actor="alice")
     finally:
         sampler.stop.set()
         sampler.join(10)

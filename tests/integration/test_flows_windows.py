@@ -101,7 +101,7 @@ def fleet(aws_fleet):
     from flows.lifecycle import create_cluster
 
     for name in ALL:  # creating is not held back by windows
-        out = create_cluster(cluster=name, source=src(aws_fleet))
+        out = create_cluster(cluster=name, source=src(aws_fleet), actor="alice")
         assert out["clusters"][0]["status"] == "converged", out
     return aws_fleet
 

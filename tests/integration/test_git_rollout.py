@@ -99,12 +99,12 @@ def test_a_sweep_in_the_middle_of_an_add_component_wave_never_removes_it(race_fl
 
     src = DefinitionsSource(repo=race_fleet["url"], ref="main")
     for n in NAMES:
-        assert create_cluster(cluster=n, source=src)["clusters"][0]["status"] == "converged"
+        assert create_cluster(cluster=n, source=src, actor="alice")["clusters"][0]["status"] == "converged"
     before = git_server.head(race_fleet["repo"])  # what a sweep that started before the push reads
     box = {}
     t = in_thread(lambda: box.setdefault("state", add_component(
         component="external-dns", selector={"tier": "gitrace"}, values={"domain": "dev.corp.example.com"}, source=src,
-        waves=WavePolicy(approval_timeout_seconds=600), idempotency_key="race-test", return_state=True)))
+        waves=WavePolicy(approval_timeout_seconds=600), idempotency_key="race-test", actor="alice", return_state=True)))
     paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
     run_id, deadline = None, time.time() + 300
     with get_client(sync_client=True) as c:
@@ -143,7 +143,7 @@ def test_write_back_branch_mode_pushes_a_review_branch_and_stops(race_fleet, git
 
     head = git_server.head(race_fleet["repo"])
     out = add_component(component="cert-manager", selector={"tier": "gitrace"}, write_back="branch",
-                        source=DefinitionsSource(repo=race_fleet["url"], ref="main"))
+                        source=DefinitionsSource(repo=race_fleet["url"], ref="main"), actor="alice")
     wb = out["write_back"]
     assert wb["mode"] == "branch" and wb["branch"].startswith("fleetwright/add-cert-manager-tier-gitrace")
     assert git_server.head(race_fleet["repo"]) == head  # main untouched
@@ -159,14 +159,14 @@ def test_write_back_off_is_for_directories_and_the_sweep_keeps_what_it_added(rac
 
     with pytest.raises(PermanentError, match="only for a directory source"):
         add_component(component="metallb", selector={"fleetwright.io/wave": "canary"}, write_back="off",
-                      source=DefinitionsSource(repo=race_fleet["url"], ref="main"))
+                      source=DefinitionsSource(repo=race_fleet["url"], ref="main"), actor="alice")
     d = DefinitionsSource(path=str(race_fleet["root"]))  # the definitions as a plain directory
     sets = race_fleet["root"] / "componentsets"
     sets.mkdir(exist_ok=True)  # with the first test's external-dns, so the sweep below has only cert-manager to judge
     (sets / "external-dns-tier-gitrace.yaml").write_text(git_server.git(
         "--git-dir", f"{git_server.section['root']}/{race_fleet['repo']}.git", "show",
         "main:componentsets/external-dns-tier-gitrace.yaml"))
-    out = add_component(component="cert-manager", selector={"fleetwright.io/wave": "canary"}, write_back="off", source=d)
+    out = add_component(component="cert-manager", selector={"fleetwright.io/wave": "canary"}, write_back="off", source=d, actor="alice")
     assert out["clusters"][0]["status"] == "converged"
     assert [f.name for f in sets.iterdir()] == ["external-dns-tier-gitrace.yaml"]  # nothing recorded
     sweep = reconcile_fleet(source=d, selector={"tier": "gitrace"}, return_state=True)
