@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.fleetwright-installed
 
-.PHONY: setup demo test unit bench clean
+.PHONY: setup demo test test-heavy unit bench clean
 
 $(VENV_STAMP): pyproject.toml requirements.lock
 	command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
@@ -19,10 +19,11 @@ setup: $(VENV_STAMP)
 demo: setup
 	.venv/bin/fleetwright demo $(DEMO_ARGS)
 
-TEST_WORKERS ?= 3
-
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	tests/run.sh $(PYTEST_ARGS)
+
+test-heavy: setup
+	FLEETWRIGHT_TEST_HEAVY=1 tests/run.sh -m heavy $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)

@@ -236,6 +236,7 @@ KILL_POINTS = {
 
 
 @pytest.mark.parametrize("cluster", CLUSTERS)
+@pytest.mark.heavy  # 11+ min per cluster; the vSphere case never ran
 def test_kill_at_several_points_then_resume_leaves_nothing_behind(crashy, cluster, tmp_path):
     from flows.lifecycle import create_cluster
     from tasks.definitions import DefinitionsSource

@@ -179,6 +179,7 @@ def test_dry_run_asks_what_would_happen_at_a_time(fleet):
     assert "platform-only-clock" in str(e.value)
 
 
+@pytest.mark.heavy  # its final form never ran: a worker's pickup takes minutes here
 def test_rollout_converges_open_windows_and_defers_the_rest_with_a_follow_up_run(fleet, worker):
     """Through the deployment (a real worker): three zones, one converges, the others wait, one follow-up run."""
     from prefect.deployments import run_deployment
