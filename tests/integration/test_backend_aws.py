@@ -328,7 +328,7 @@ def test_scale_upgrade_and_addon_change(env, backend, desired):
     steps = infra_steps(up, backend.observe(up))
     assert [(s.action, s.params["version"]) for s in steps] == [("controlPlane.upgrade", "1.21"),
                                                                ("nodePool.upgrade", "1.21")]
-    aws_settings(env, update_seconds=6.0)  # a window several observations wide, on a loaded machine too
+    aws_settings(env, update_seconds=20.0)  # a window many observations wide, on a loaded machine too
     box: dict[str, Any] = {}
     t = threading.Thread(target=lambda: box.setdefault("r", backend.apply(up, steps[0])))
     watcher = make_backend(env)
@@ -340,7 +340,8 @@ def test_scale_upgrade_and_addon_change(env, backend, desired):
             seen_in_flight.append((o.kubernetes_version, tuple(o.in_flight)))
         time.sleep(0.15)
     t.join()
-    aws_settings(env, update_seconds=0.4)
+    # the node-group upgrade below is started by hand and must still run when apply looks at it
+    aws_settings(env, update_seconds=8.0)
     assert (("1.20", (f"EKS cluster {NAME} UPDATING",))) in seen_in_flight
     r = box["r"]
     assert r.changed and r.outputs["statuses"][0] == "InProgress" and r.outputs["statuses"][-1] == "Successful"
