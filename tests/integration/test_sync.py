@@ -6,6 +6,7 @@ which parameters.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def fleet_repo(git_server, prefect_api, deployments, tmp_path, monkeypatch, requ
     seed = tmp_path / "seed"
     shutil.copytree(EXAMPLES, seed)
     pol = seed / "policy.yaml"
-    pol.write_text(pol.read_text().replace("  platformRole: platform\n", "  platformRole: platform\n" + IDENTITIES))
+    text = re.sub(r"(?m)^  gitIdentities: .*\n", "", pol.read_text())  # the example maps other logins
+    pol.write_text(text.replace("  platformRole: platform\n", "  platformRole: platform\n" + IDENTITIES))
     name = "sync-" + request.node.name.replace("_", "-")[5:40]
     url = git_server.create(name, seed=seed)
     git_server.save_block()
