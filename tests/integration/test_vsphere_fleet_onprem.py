@@ -124,7 +124,7 @@ def env(vsphere_env, testenv_config, tmp_path_factory):
         vsphere=VsphereConnection(host=vsphere_env["host"], port=vsphere_env["port"], user=vsphere_env["user"],
                                   password=vsphere_env["password"], insecure=True),
         ssh=SshConnection(user=section["user"], private_key_file=section["private_key"],
-                          extra_args=section["ssh_common_args"], supervisor=section["supervisor"]),
+                          known_hosts_file=section["known_hosts"], supervisor=section["supervisor"]),
         kube_binaries=kube.binaries(cfg))
     lines: list[str] = []
     backend = VsphereBackend(conn, log=lines.append)
