@@ -8,9 +8,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 WORKERS=${TEST_WORKERS:-2}
-ONPREM=(tests/integration/test_backend_metal.py tests/integration/test_backend_vsphere.py
+# test_demo first: it starts a test environment of its own, with SSH hosts at the addresses the
+# session's shared ssh_hosts fixture (test_flows_onprem, test_testenv_hosts) then keeps for the session
+ONPREM=(tests/integration/test_demo.py tests/integration/test_backend_metal.py tests/integration/test_backend_vsphere.py
         tests/integration/test_vsphere_fleet_onprem.py tests/integration/test_flows_onprem.py
-        tests/integration/test_crash_onprem.py tests/integration/test_demo.py
+        tests/integration/test_crash_onprem.py
         tests/integration/test_testenv_hosts.py tests/integration/test_testenv_vsphere.py
         tests/integration/test_testenv_lifecycle.py)
 ignore=(); for m in "${ONPREM[@]}"; do ignore+=(--ignore="$m"); done
