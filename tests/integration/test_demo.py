@@ -14,7 +14,12 @@ def test_demo_runs_the_example_fleet_end_to_end(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, FLEETWRIGHT_TESTENV_DIR=str(tmp_path / "testenv"))
+    import tempfile
+
+    # a state dir the postgres user can traverse (pytest's own tmp dirs are private to root)
+    state = tempfile.mkdtemp(prefix="fw-demo-testenv-", dir="/tmp")
+    os.chmod(state, 0o755)
+    env = dict(os.environ, FLEETWRIGHT_TESTENV_DIR=state)
     env.pop("PREFECT_API_URL", None)
     results = ROOT / "bench" / "RESULTS.md"
     before = results.read_text() if results.exists() else None
