@@ -71,6 +71,15 @@ def run_request(d: Delivery, repo: Repository, url: str, received_at: Optional[d
     return RunRequest(params, key, group, received_at or datetime.now(timezone.utc))
 
 
+_TRANSIENT = ("database is locked", "could not serialize", "deadlock detected", "QueuePool limit")
+
+
+def _transient(result: dict) -> bool:
+    """A bulk-create item refused because the database was busy, not because the request was wrong."""
+    err = str(result.get("error") or "")
+    return any(t in err for t in _TRANSIENT)
+
+
 class Dispatcher:
     """One Prefect async client and one writer per receiver process.
 
@@ -82,6 +91,7 @@ class Dispatcher:
     """
 
     BATCH = 25  # the server allows 100; smaller batches keep the first of a batch from waiting on the rest
+    TRANSIENT_RETRIES = 4  # items refused by a busy database are sent again (0.2, 0.4, 0.8, 1.6 s apart)
 
     def __init__(self, deployment: str, debounce_seconds: float):
         self.deployment = deployment
@@ -184,14 +194,23 @@ class Dispatcher:
                 idempotency_key=req.idempotency_key,
                 labels={REQUEST_LABEL: nonces[i]},
             ).model_dump(mode="json", exclude_unset=True))
-        try:
-            dep_id = await self.deployment_id()
-            response = await self.client.request("POST", "/deployments/{id}/create_flow_run/bulk",
-                                                 path_params={"id": dep_id}, json=bodies)
-        except ObjectNotFound:
-            self._deployment_id = None  # re-registered under a new id: look it up again next time
-            raise
-        results = dict(zip(unique, response.json()["results"]))
+        results: dict[int, dict] = {}
+        pending = list(zip(unique, bodies))
+        for attempt in range(self.TRANSIENT_RETRIES + 1):
+            try:
+                dep_id = await self.deployment_id()
+                response = await self.client.request("POST", "/deployments/{id}/create_flow_run/bulk",
+                                                     path_params={"id": dep_id}, json=[b for _, b in pending])
+            except ObjectNotFound:
+                self._deployment_id = None  # re-registered under a new id: look it up again next time
+                raise
+            results.update(zip([i for i, _ in pending], response.json()["results"]))
+            # a busy database refuses some items of a bulk ("database is locked" on SQLite, a serialization
+            # failure on PostgreSQL): the idempotency key makes sending them again safe
+            pending = [(i, b) for i, b in pending if results[i].get("status") != "CREATED" and _transient(results[i])]
+            if not pending or attempt == self.TRANSIENT_RETRIES:
+                break
+            await asyncio.sleep(0.2 * 2 ** attempt)
         ids = list({UUID(r["flow_run_id"]) for r in results.values() if r.get("flow_run_id")})
         runs = {r.id: r for r in await self.client.read_flow_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids))} if ids else {}

@@ -1,6 +1,7 @@
-import pytest
 """The README's first command: `fleetwright demo` end to end, in its own test environment."""
 from __future__ import annotations
+
+import pytest
 
 import os
 import socket
