@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -120,33 +121,43 @@ def test_crash_and_resume_converges_without_duplicates(aws_fleet):
 
 
 def test_two_flows_on_one_cluster_are_serialised(aws_fleet):
-    """A flow holding fw-dev's lock makes a second flow on fw-dev wait until it is done."""
+    """A flow holding fw-dev's lock makes a second flow on fw-dev wait: its first apply starts after the release."""
     from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.lifecycle import create_cluster
     from tasks.locks import cluster_lock
 
-    times: dict[str, float] = {}
+    times: dict[str, datetime] = {}
 
     @flow(name="hold-cluster-lock")
     def hold(cluster: str, seconds: float):
         with cluster_lock(cluster):
-            times["held"] = time.monotonic()
+            times["held"] = datetime.now(timezone.utc)
             time.sleep(seconds)
-            times["released"] = time.monotonic()
+            times["released"] = datetime.now(timezone.utc)
 
     # fw-dev needs work: its node group was scaled behind fleetwright's back
     eks(aws_fleet["aws"]).update_nodegroup_config(clusterName="fw-dev", nodegroupName="workers",
                                                   scalingConfig={"minSize": 1, "maxSize": 3, "desiredSize": 3})
-    holder = in_thread(hold, "fw-dev", 8.0)
-    while "held" not in times:
+    holder = in_thread(hold, "fw-dev", 3.0)
+    deadline = time.time() + 120
+    while "held" not in times and time.time() < deadline:
         time.sleep(0.1)
-    out = create_cluster(cluster="fw-dev", source=src(aws_fleet), actor="bob")
-    finished = time.monotonic()
+    assert "held" in times, "the lock holder never got fw-dev's lock"
+    state = create_cluster(cluster="fw-dev", source=src(aws_fleet), actor="bob", return_state=True)
+    out = state.result()
     holder.join(60)
     (c,) = out["clusters"]
     assert c["status"] == "converged" and [d["action"] for d in c["done"]] == ["nodePool.scale"]
-    assert finished > times["released"], "create-cluster changed fw-dev while another flow held its lock"
+    # the recorded start of the second run's first apply task, against the holder's recorded release
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    applies = sorted((t for t in runs if t.name.startswith("nodePool.scale")), key=lambda t: t.start_time)
+    assert applies, [t.name for t in runs]
+    assert applies[0].start_time >= times["released"], \
+        f"create-cluster applied at {applies[0].start_time} while another flow held fw-dev's lock (released {times['released']})"
     ng = eks(aws_fleet["aws"]).describe_nodegroup(clusterName="fw-dev", nodegroupName="workers")["nodegroup"]
     assert ng["scalingConfig"]["desiredSize"] == 1
 
