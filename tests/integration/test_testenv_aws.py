@@ -15,16 +15,30 @@ from testenv.faults import (aws_calls, aws_clear_faults, aws_fault, aws_faults,
                             aws_clear_endpoints, aws_map_endpoint, aws_reset,
                             aws_settings)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
+TRANSITION = 4.0  # seconds a fake EKS transition takes: waits below poll for the end state, never sleep a fixed time
+
+
+def until(fn, timeout: float = 60, what: str = "condition"):
+    """Poll fn() until it returns a truthy value; fail after a generous bound."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout}s (last: {v!r})")
+        time.sleep(0.2)
 
 RETRY = BotoConfig(retries={"mode": "standard", "total_max_attempts": 5})
 
 
 @pytest.fixture
 def env(aws_env: dict[str, Any]):
-    """The shared AWS server, reset, with short transitions (restored afterwards)."""
+    """The shared AWS server, reset, with transitions long enough to be seen in progress on a loaded machine
+    (an observed "UPDATING" right after the call must not race the transition), restored afterwards."""
     before = aws_settings(aws_env)
-    aws_settings(aws_env, update_seconds=0.5, addon_seconds=0.5)
+    aws_settings(aws_env, update_seconds=TRANSITION, addon_seconds=TRANSITION)
     yield aws_env
     aws_clear_faults(aws_env)
     aws_settings(aws_env, **before)
@@ -46,7 +60,7 @@ def make_cluster(env: dict[str, Any], name: str = "c1", version: str = "1.29") -
     return eks, role
 
 
-def wait_update(eks: Any, timeout: float = 10, **kw: Any) -> list[str]:
+def wait_update(eks: Any, timeout: float = 60, **kw: Any) -> list[str]:
     """Poll describe_update until it is no longer InProgress; return the statuses seen."""
     seen = []
     deadline = time.monotonic() + timeout
@@ -118,9 +132,9 @@ def test_addons_lifecycle(env):
         eks.create_addon(clusterName="c1", addonName="coredns")
     assert ei.value.response["Error"]["Code"] == "ResourceInUseException"
     assert eks.list_addons(clusterName="c1")["addons"] == ["coredns"]
-    time.sleep(0.6)
-    a = eks.describe_addon(clusterName="c1", addonName="coredns")["addon"]
-    assert (a["status"], a["addonVersion"]) == ("ACTIVE", "v1.11.1-eksbuild.4")
+    a = until(lambda: (x := eks.describe_addon(clusterName="c1", addonName="coredns")["addon"])["status"] == "ACTIVE" and x,
+              what="coredns ACTIVE")
+    assert a["addonVersion"] == "v1.11.1-eksbuild.4"
 
     upd = eks.update_addon(clusterName="c1", addonName="coredns", addonVersion="v1.11.3-eksbuild.1")["update"]
     assert (upd["status"], upd["type"]) == ("InProgress", "AddonUpdate")
@@ -133,8 +147,7 @@ def test_addons_lifecycle(env):
     assert "v1.11.3-eksbuild.1" in [v["addonVersion"] for v in versions]
 
     assert eks.delete_addon(clusterName="c1", addonName="coredns")["addon"]["status"] == "DELETING"
-    time.sleep(0.6)
-    assert eks.list_addons(clusterName="c1")["addons"] == []
+    until(lambda: eks.list_addons(clusterName="c1")["addons"] == [], what="coredns deleted")
     with pytest.raises(ClientError) as ei:
         eks.describe_addon(clusterName="c1", addonName="coredns")
     assert ei.value.response["Error"]["Code"] == "ResourceNotFoundException"
@@ -209,7 +222,7 @@ def test_reset_gives_a_clean_account(env):
 
 
 def test_create_transition_and_endpoint_mapping(env):
-    aws_settings(env, create_seconds=0.4)
+    aws_settings(env, create_seconds=TRANSITION)
     role = client(env, "iam").create_role(RoleName="r2", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
     eks = client(env, "eks")
     c = eks.create_cluster(name="c2", version="1.30", roleArn=role,
@@ -217,13 +230,12 @@ def test_create_transition_and_endpoint_mapping(env):
     assert c["status"] == "CREATING"
     with pytest.raises(ClientError):  # not ACTIVE yet
         eks.create_nodegroup(clusterName="c2", nodegroupName="ng1", subnets=["subnet-1"], nodeRole=role)
-    time.sleep(0.5)
-    assert eks.describe_cluster(name="c2")["cluster"]["status"] == "ACTIVE"
+    until(lambda: eks.describe_cluster(name="c2")["cluster"]["status"] == "ACTIVE", what="c2 ACTIVE")
     ng = eks.create_nodegroup(clusterName="c2", nodegroupName="ng1", subnets=["subnet-1"],
                               nodeRole=role)["nodegroup"]
     assert ng["status"] == "CREATING"
-    time.sleep(0.5)
-    assert eks.describe_nodegroup(clusterName="c2", nodegroupName="ng1")["nodegroup"]["status"] == "ACTIVE"
+    until(lambda: eks.describe_nodegroup(clusterName="c2", nodegroupName="ng1")["nodegroup"]["status"] == "ACTIVE",
+          what="ng1 ACTIVE")
 
     try:
         aws_map_endpoint(env, "c2", "https://127.0.1.11:6443", "Q0EtREFUQQ==")
