@@ -155,6 +155,7 @@ def test_addresses_stay_when_replicas_and_max_size_change(env):
 
 def test_an_exhausted_pool_is_an_error_before_anything_is_cloned(env):
     b, vs = env["backend"], env["vsphere"]
+    ensure(b, desired(cp=2, sys_max=3, gpu_rep=2))  # its own starting point (unchanged when the test above ran)
     before = addresses(vs)
     assert len(before) == 6
     clones = sum("cloning" in ln for ln in env["lines"])
@@ -173,6 +174,7 @@ def test_observe_many_reads_every_cluster_with_one_property_collector_query(env,
     from pyVmomi import vim
 
     b = env["backend"]
+    ensure(b, desired(cp=2, sys_max=3, gpu_rep=2))  # its own starting point: one cluster there, two absent
     ds = [desired(cp=2, sys_max=3, gpu_rep=2), example("dc1-web-prod"), example("dc1-web-dev")]
     stub = b.session.content().propertyCollector._stub
     listings = []
