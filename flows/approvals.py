@@ -34,7 +34,7 @@ from models.desired import DesiredCluster
 from models.errors import PolicyDenied
 from models.load import Definitions
 from models.plan import Plan
-from models.policy import Denial, judge_approval
+from models.policy import Denial, is_automation, judge_approval
 from models.status import Status
 from models.waves import APPROVAL_LABEL
 from tasks.cluster import Outcome, converge, plan_rows
@@ -154,11 +154,13 @@ def correct_holding(desired: DesiredCluster, p: Plan, drift: list[str], idempote
 
 
 def approve_held(outcomes: list[Outcome], *, definitions: Callable[[], Definitions], flow: str, idempotency_key: str,
-                 timeout: int, max_workers: int = 8, window: Optional[Callable] = None) -> tuple[list[Outcome], Optional[dict]]:
+                 timeout: int, max_workers: int = 8, window: Optional[Callable] = None,
+                 actor: Optional[str] = None) -> tuple[list[Outcome], Optional[dict]]:
     """Ask once for every held destructive repair of the sweep; carry them out only when approved.
 
     ``definitions`` loads the sweep's definitions (the same commit), only when something is held;
-    ``window(desired)`` gives a cluster's maintenance-window guard for ``converge``.
+    ``window(desired)`` gives a cluster's maintenance-window guard for ``converge``; ``actor``, the
+    person who started the sweep (if one did), cannot approve them.
     """
     held = [o for o in outcomes if o.status == Status.AWAITING_APPROVAL]
     if not held:
@@ -174,7 +176,8 @@ def approve_held(outcomes: list[Outcome], *, definitions: Callable[[], Definitio
                  f"the artifact {flow}-held): {listed}" + (f"; and {len(rows) - 20} more" if len(rows) > 20 else ""),
                  key=f"approve-{flow}-destructive", timeout=timeout)
     defs = definitions()
-    rec = judge(defs, answer, actor=None, clusters=clusters, what="destructive repairs", timeout=timeout)
+    rec = judge(defs, answer, actor=None if is_automation(actor) else actor, clusters=clusters,
+                what="destructive repairs", timeout=timeout)
     rec["steps"] = rows
     if not rec["approved"]:
         for o in held:

@@ -43,6 +43,7 @@ from backends.base import BatchObserver
 from models.desired import DesiredCluster, ObservedCluster
 from models.errors import PermanentError, TransientError
 from models.plan import plan
+from models.policy import is_automation
 from models.resolve import Resolver, matches
 from models.status import PROBLEMS, Status
 from tasks.blocks import connections
@@ -53,7 +54,7 @@ from tasks.locks import api_share, ensure_api_limits, share_of
 from tasks.report import merge_summaries, publish, publish_summary, summarise
 
 from .approvals import SWEEP_TIMEOUT_SECONDS, approval_markdown, approve_held, approve_held_in_summary, correct_holding
-from .common import DEFAULT_ACTOR, DefinitionsSource, default_source, in_threads, load_definitions, run_key
+from .common import DEFAULT_ACTOR, DefinitionsSource, default_source, gate, in_threads, load_definitions, run_key
 from .windows import WindowGate
 
 SHARD_DEPLOYMENT = "reconcile-shard/reconcile-shard"
@@ -94,6 +95,13 @@ def check_one(desired: DesiredCluster, dry_run: bool, idempotency_key: str,
     if not p.steps:
         return Outcome(desired.name, Status.IN_SYNC, seconds=time.monotonic() - t0)
     drift = drift_lines(observed, p) or [str(s) for s in p.steps]
+    if dry_run and desired.drift_mode == "correct" and windows is not None:  # would the repair wait for its window?
+        allowed = [s for s in p.steps if guard is None or guard.allows(s)] or p.steps
+        first = next((s for s in allowed if not s.destructive), allowed[0])
+        why = windows.check(desired, first)
+        if why:
+            return Outcome(desired.name, Status.DEFERRED, plan_rows(p), drift=drift,
+                           reason=f"a real run would defer the repair: {why}", seconds=time.monotonic() - t0)
     if desired.drift_mode == "report" or dry_run:
         return Outcome(desired.name, Status.DRIFT, plan_rows(p), drift=drift, reason=f"{len(p.steps)} step(s) to converge",
                        seconds=time.monotonic() - t0)
@@ -166,32 +174,43 @@ def final_state(flow_name: str, summary: dict):
     return Completed(message=f"{flow_name}: {summary['total']} clusters ({tally}){extra}", data=summary)
 
 
+def gate_sweep(defs, old, actor: str, names: list[str], flow: str) -> None:
+    """A sweep started by a person: they must be allowed to reconcile every selected cluster (as rollout-fleet
+    judges it); the automation identity converges what is committed (``automation-git-only``)."""
+    if is_automation(actor):
+        return
+    for i, n in enumerate(names):  # the change since base_ref is judged once, not per cluster
+        gate(defs, old if i == 0 else None, actor, "reconcile", flow=flow, cluster=n)
+
+
 # --------------------------------------------------------------------------- one shard
 
 
 @flow(name="reconcile-shard", log_prints=True, persist_result=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
 def reconcile_shard(clusters: list[str], source: Optional[DefinitionsSource] = None, dry_run: bool = False,
                     batch_size: int = 50, max_workers: int = 8, idempotency_key: Optional[str] = None,
-                    shard: str = "", api_shares: dict[str, int] = {}, now: Optional[datetime] = None):  # noqa: B006
+                    shard: str = "", api_shares: dict[str, int] = {}, now: Optional[datetime] = None,  # noqa: B006
+                    actor: str = DEFAULT_ACTOR):
     """One shard of a fleet sweep: the named clusters, under this shard's share of the API limits.
 
     Repairs wait for each cluster's maintenance window (``now``: as at that time); a deferred repair
-    gets a follow-up run of this shard at the window's opening."""
+    gets a follow-up run of this shard at the window's opening. ``actor``: as reconcile-fleet's."""
     t0 = time.monotonic()
-    defs, _ = load_definitions(source or default_source())
+    defs, old = load_definitions(source or default_source())
+    gate_sweep(defs, old, actor, [n for n in clusters if n in defs.clusters], "reconcile-shard")
     guard = install_guard(str(this_run.get_id() or ""), RemovalGuard(pin(source or default_source())[0], defs))
     r = Resolver(defs)
     gone = [n for n in clusters if n not in defs.clusters]
     desired = [r.resolve(n) for n in clusters if n in defs.clusters]
     outcomes = [Outcome(n, Status.SKIPPED, reason="no longer in the definitions") for n in gone]
     key = run_key(idempotency_key)
-    win = WindowGate(defs, flow="reconcile-shard", actor=DEFAULT_ACTOR, dry_run=dry_run, now=now)
+    win = WindowGate(defs, flow="reconcile-shard", actor=actor, dry_run=dry_run, now=now)
     with api_share(api_shares) if api_shares else nullcontext():
         outcomes += _sweep(desired, dry_run, key, batch_size, max_workers, win)
     seconds = time.monotonic() - t0
     publish("reconcile-shard", outcomes, dry_run=dry_run,
             extra_md=f"Shard {shard}: {len(outcomes)} clusters in {seconds:.1f}s.\n\n{guard.markdown()}\n\n" + win.finish())
-    summary = summarise(outcomes, shard=shard, seconds=round(seconds, 1), windows=win.record())
+    summary = summarise(outcomes, shard=shard, seconds=round(seconds, 1), windows=win.record(), actor=actor)
     counts = ", ".join(f"{k}={v}" for k, v in sorted(summary["counts"].items()))
     drift = summary["counts"].get(Status.DRIFT.value, 0)
     bad = sum(summary["counts"].get(s.value, 0) for s in PROBLEMS)
@@ -224,7 +243,7 @@ def _running_sweep():
 
 def _run_shards(names: list[str], *, source, dry_run: bool, batch_size: int, max_workers: int, key: str,
                 shard_size: int, parallel_shards: int, shard_retries: int, apis: set[str],
-                poll_seconds: float, timeout_seconds: float, now=None) -> tuple[dict, list[dict]]:
+                poll_seconds: float, timeout_seconds: float, now=None, actor: str = DEFAULT_ACTOR) -> tuple[dict, list[dict]]:
     """Run every shard as a deployment run, wait for all, re-submit crashed ones; the merged summary."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -246,7 +265,8 @@ def _run_shards(names: list[str], *, source, dry_run: bool, batch_size: int, max
                             parameters={"clusters": chunks[i], "source": source, "dry_run": dry_run,
                                         "batch_size": batch_size, "max_workers": max_workers,
                                         "idempotency_key": key, "shard": rows[i]["shard"], "api_shares": shares,
-                                        **({"now": now.isoformat()} if now else {})})
+                                        **({"now": now.isoformat()} if now else {}),
+                                        **({} if is_automation(actor) else {"actor": actor})})
         rows[i]["runs"].append(str(fr.id))
         return str(fr.id)
 
@@ -306,7 +326,7 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
                     batch_size: int = 50, max_workers: int = 8, dry_run: bool = False,
                     shard_size: int = 500, parallel_shards: int = 3, shard_retries: int = 1,
                     shard_timeout_seconds: float = 3600.0, now: Optional[datetime] = None,
-                    approval_timeout_seconds: int = SWEEP_TIMEOUT_SECONDS):
+                    approval_timeout_seconds: int = SWEEP_TIMEOUT_SECONDS, actor: str = DEFAULT_ACTOR):
     """Sweep the fleet for drift in shards; report or correct each cluster by its drift mode; one summary artifact.
 
     It observes and reports at any time; a repair waits for the cluster's maintenance window (deferred,
@@ -316,6 +336,12 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
     expected to run at once (each holds 1/parallel_shards of every API's limit; more wait).
     ``approval_timeout_seconds``: how long the sweep waits, at its end, for a person to approve the
     destructive repairs it held (none are made without one).
+
+    ``actor``: who starts the sweep. The schedule runs it as the automation identity; a person who
+    starts one names themselves: they must be allowed to reconcile every selected cluster (as for
+    rollout-fleet), they cannot approve its destructive repairs themselves, and only a platform
+    member may run a real (not dry-run) sweep with a shifted clock ``now`` (``platform-only-clock``).
+    The actor is recorded in the run's summary.
     """
     log = get_run_logger()
     t0 = time.monotonic()
@@ -326,10 +352,12 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
         log.warning(msg)
         return Completed(name="Skipped", message=msg, data={"skipped": msg, "running": str(other.id)})
     src = source or default_source()
-    defs, _ = load_definitions(src)
+    defs, old = load_definitions(src)
     src, _ = pin(src)  # the shards read this run's commit, whatever is pushed meanwhile
     guard = install_guard(str(this_run.get_id() or ""), RemovalGuard(src, defs))
     names = sorted(n for n, c in defs.clusters.items() if matches(c.metadata.labels, selector))
+    gate_sweep(defs, old, actor, names, "reconcile-fleet")
+    del old
     key = run_key(None)  # a fresh key every sweep: repairs are never skipped as done
     r = Resolver(defs)
     sharded = shard_size > 0 and len(names) > shard_size and this_deployment.id is not None
@@ -339,29 +367,31 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
         summary, rows = _run_shards(names, source=src, dry_run=dry_run, batch_size=batch_size,
                                     max_workers=max_workers, key=key, shard_size=shard_size,
                                     parallel_shards=parallel_shards, shard_retries=shard_retries, apis=apis,
-                                    poll_seconds=2.0, timeout_seconds=shard_timeout_seconds, now=now)
+                                    poll_seconds=2.0, timeout_seconds=shard_timeout_seconds, now=now, actor=actor)
         summary, approval = approve_held_in_summary(summary, definitions=lambda: load_definitions(src)[0],
-                                                    flow="reconcile-fleet", idempotency_key=key,
+                                                    flow="reconcile-fleet", idempotency_key=key, actor=actor,
                                                     timeout=approval_timeout_seconds, max_workers=max_workers)
         retried = f" {len(summary['retried_shards'])} shard(s) re-run after a crash: " \
                   f"{', '.join(summary['retried_shards'])}." if summary["retried_shards"] else ""
         publish_summary("reconcile-fleet", summary, dry_run=dry_run,
-                        extra_md=f"Swept {summary['total']} clusters in {time.monotonic() - t0:.1f}s "
+                        extra_md=f"Swept {summary['total']} clusters in {time.monotonic() - t0:.1f}s, started by **{actor}**, "
                                  f"in {len(rows)} shard runs.{retried}\n\n" + _shards_md(rows)
                                  + ("\n\n" + approval_markdown([approval]) if approval else ""))
     else:
         desired = [r.resolve(n) for n in names]
         shares = {api: share_of(api, 1) for api in _apis(desired)}
-        win = WindowGate(defs, flow="reconcile-fleet", actor=DEFAULT_ACTOR, dry_run=dry_run, now=now)
+        win = WindowGate(defs, flow="reconcile-fleet", actor=actor, dry_run=dry_run, now=now)
         with api_share(shares):
             outcomes = _sweep(desired, dry_run, key, batch_size, max_workers, win)
         outcomes, approval = approve_held(outcomes, definitions=lambda: defs, flow="reconcile-fleet", idempotency_key=key,
-                                          timeout=approval_timeout_seconds, max_workers=max_workers, window=win.guard)
+                                          timeout=approval_timeout_seconds, max_workers=max_workers, window=win.guard,
+                                          actor=actor)
         publish("reconcile-fleet", outcomes, dry_run=dry_run,
-                extra_md=f"Swept {len(outcomes)} clusters in {time.monotonic() - t0:.1f}s "
+                extra_md=f"Swept {len(outcomes)} clusters in {time.monotonic() - t0:.1f}s, started by **{actor}** "
                          f"({math.ceil(len(outcomes) / batch_size)} batches of up to {batch_size}).\n\n{guard.markdown()}"
                          "\n\n" + win.finish() + ("\n\n" + approval_markdown([approval]) if approval else ""))
         summary = summarise(outcomes, windows=win.record())
     summary["approval"] = approval
+    summary["actor"] = actor
     log.info("fleet: %s", ", ".join(f"{k}={v}" for k, v in sorted(summary["counts"].items())))
     return final_state("reconcile-fleet", summary)

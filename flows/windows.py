@@ -3,8 +3,12 @@
 One :class:`WindowGate` per flow run holds
 
 - the **clock**: real time, or the time a ``now`` parameter names ("what would happen at T";
-  the clock then runs on from T). A dry run may ask about any time; a real run with a shifted
-  clock is for the platform role only, and the artifact says so;
+  the clock then runs on from T). A dry run may ask about any time, for anyone; a real run with a
+  shifted clock is refused before anything changes unless its ``actor`` is a platform member
+  (policy rule ``platform-only-clock``: it changes clusters at a time their owners did not agree
+  to). The automation identity is no platform member, so a scheduled sweep never shifts its clock;
+  a platform member who wants a real run "as at T" names themselves (every flow that honours
+  windows, ``reconcile-fleet`` included, takes an ``actor``), and the artifact records who and when;
 - each cluster's :class:`~models.windows.Schedule` and the Policy's step estimates;
 - the **guard** that ``tasks.cluster.converge`` calls before it starts each step: a step that
   is outside the window, inside a blackout whose scope covers it, or would not finish before the
@@ -191,7 +195,8 @@ class WindowGate:
         self.follow_up = self._schedule_follow_up(min(nexts)) if nexts else {
             "scheduled": False, "why": "no deferred cluster has a window in the look-ahead: nothing was scheduled"}
         rows = []
-        lines += ["## Waiting for a maintenance window", ""]
+        lines += ["## Would wait for a maintenance window (dry run)" if self.dry_run else "## Waiting for a maintenance window",
+                  ""]
         for name in sorted(self.deferred):
             d = self.deferred[name]
             nxt = d.decision.next
@@ -213,7 +218,7 @@ class WindowGate:
                                  "next_utc": d.decision.next.utc() if d.decision.next else None,
                                  "next_start": d.decision.next.start_utc.isoformat() if d.decision.next else None}
                              for n, d in sorted(self.deferred.items())},
-                "follow_up": self.follow_up, "override": self.override_record,
+                "follow_up": self.follow_up, "override": self.override_record, "actor": self.actor,
                 "clock": self.clock.at.isoformat() if self.clock.at else None}
 
     def _schedule_follow_up(self, opening: float) -> dict:

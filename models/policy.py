@@ -26,6 +26,11 @@ Who starts an action (``authorize``, checked before ``platform-all``):
     parameter, add or change components by parameter, onboard, or decommission, whatever roles a
     policy gives it.
 
+``platform-only-clock`` (checked by ``flows.windows.WindowGate``)
+    A real (not dry-run) run with a shifted clock (the ``now`` parameter: maintenance windows
+    judged as at another time) is started only by a platform member named as its ``actor``; the
+    automation identity never shifts a real run's clock. A dry run may ask about any time.
+
 Approvals (``judge_approval``) for clusters labelled ``fleetwright.io/approval: required`` and
 for a sweep's destructive repairs:
 

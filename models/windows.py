@@ -17,14 +17,17 @@ Daylight saving, chosen and documented (see README):
 
 Windows come from an RFC 5545 RRULE (python-dateutil), expanded over naive
 wall-clock times, then placed in UTC with ``zoneinfo``; calendars are expanded
-with ``recurring-ical-events``. Expansions are cached per rule and day, so a
-fleet of thousands sharing a few dozen rules costs a few dozen expansions.
+with ``recurring-ical-events``. A rule's days are expanded once per rule and year
+(shared by every start time, duration and zone that uses it); a question then
+places only the occurrences it looks at in UTC, lazily and in order, so a fleet of
+thousands of distinct windows costs a few conversions per cluster.
 """
 from __future__ import annotations
 
 import bisect
 import functools
 import hashlib
+import heapq
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
@@ -83,6 +86,7 @@ def format_duration(td: timedelta) -> str:
     return "".join(f"{v}{u}" for v, u in ((d, "d"), (h, "h"), (m, "m")) if v) or "0m"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_time_of_day(text: str) -> tuple[int, int]:
     m = _TIME.match(text) if isinstance(text, str) else None
     if not m:
@@ -194,56 +198,131 @@ class WindowRule:
         return f"{label}{self.rrule} at {self.start} for {self.duration} {self.timezone} ({self.origin})"
 
 
-@functools.lru_cache(maxsize=16384)
+@functools.lru_cache(maxsize=65536)
+def _year_days(rrule: str, since: date | None, at: time | None, year: int) -> tuple[int, ...]:
+    """The days (ordinals) of ``year`` on which ``rrule`` has an occurrence: one dateutil expansion per rule
+    and year, shared by every start time, duration and zone. Counted from ``since`` (or 1 January: a rule
+    without ``since`` does not depend on its first day, see :func:`check_rrule`). ``at`` is the start time,
+    only for a rule with UNTIL (which compares dates and times); None otherwise."""
+    from dateutil.rrule import rrulestr
+
+    if since is not None and since.year > year:
+        return ()
+    first = datetime.combine(since or date(year, 1, 1), at or time(0, 0))
+    lo, hi = datetime(year, 1, 1), datetime(year, 12, 31, 23, 59, 59)
+    return tuple(d.toordinal() for d in rrulestr(rrule, dtstart=first).between(lo, hi, inc=True))
+
+
+class _Expansion:
+    """One window rule placed in its zone: its occurrences as UTC (start, end) timestamps, made lazily in order.
+
+    Most questions need one to three occurrences, so none is computed before it is asked for: the days come
+    from :func:`_year_days` (cached per rule and year), and each start is one wall-clock-to-UTC conversion."""
+
+    __slots__ = ("rrule", "since", "until_at", "tzname", "tod", "tod_s", "secs", "reach", "may_overlap", "days_of_zone")
+
+    def __init__(self, rrule: str, start: str, duration: str, tzname: str, since: date | None):
+        h, m = parse_time_of_day(start)
+        dur = parse_duration(duration)
+        self.rrule, self.since, self.tzname = rrule, since, tzname
+        self.days_of_zone = _zone_days(tzname)
+        self.until_at = time(h, m) if "UNTIL=" in rrule.upper() else None
+        self.tod = timedelta(hours=h, minutes=m)
+        self.tod_s = h * 3600 + m * 60
+        self.secs = dur.total_seconds()
+        self.reach = dur.days + 2  # an occurrence that started this many UTC days before a day may still be open on it
+        self.may_overlap = self.secs > 22 * 3600  # two starts of one rule are at least a day less an hour apart
+
+    def start_ts(self, ordinal: int) -> float:
+        """The UTC timestamp of the occurrence on local day ``ordinal`` (see :func:`utc_ts` for gaps and repeats)."""
+        off = self.days_of_zone.get(ordinal, _MISSING)
+        if off is _MISSING:
+            off = _fill_zone_year(self.tzname, self.days_of_zone, ordinal)
+        if off is None:  # the zone's offset changes that day: the careful way
+            return utc_ts(datetime.fromordinal(ordinal) + self.tod, zone(self.tzname))
+        return (ordinal - _EPOCH_ORDINAL) * 86400.0 + self.tod_s - off
+
+    def days(self, first: int, last: int):
+        """The ordinals of the occurrence days from ``first`` to ``last``, in order."""
+        year, end = date.fromordinal(first).year, date.fromordinal(last).year
+        while year <= end:
+            days = _year_days(self.rrule, self.since, self.until_at, year)
+            for o in days[bisect.bisect_left(days, first):]:
+                if o > last:
+                    return
+                yield o
+            year += 1
+
+    def spans(self, frm: float, stop: float):
+        """The occurrences that end after ``frm`` and start before ``stop``, in order of start."""
+        # local days are UTC days +-1 (offsets are within 14 hours): plain arithmetic, no zone conversion
+        first = int(frm // 86400) + _EPOCH_ORDINAL - self.reach
+        last = int(stop // 86400) + _EPOCH_ORDINAL + 1
+        secs = self.secs
+        for o in self.days(first, last):
+            s = self.start_ts(o)
+            if s >= stop:
+                return
+            if s + secs > frm:
+                yield s, s + secs
+
+
+_MISSING = object()
+_ZONE_DAYS: dict[str, dict[int, float | None]] = {}
+
+
+def _zone_days(tzname: str) -> dict[int, float | None]:
+    """Per zone: local day (ordinal) -> its UTC offset in seconds when steady all day, None on a change day."""
+    d = _ZONE_DAYS.get(tzname)
+    if d is None:
+        if len(_ZONE_DAYS) > 1024:
+            _ZONE_DAYS.clear()
+        d = _ZONE_DAYS[tzname] = {}
+    return d
+
+
+def _fill_zone_year(tzname: str, days: dict[int, float | None], ordinal: int) -> float | None:
+    """Fill ``days`` for the year of ``ordinal`` (one look at the zone per day, once a year); the offset of ``ordinal``."""
+    tz = zone(tzname)
+    year = date.fromordinal(ordinal).year
+    o, end = date(year, 1, 1).toordinal(), date(year, 12, 31).toordinal()
+    nxt = tz.utcoffset(datetime.fromordinal(o))
+    while o <= end:
+        start = datetime.fromordinal(o)
+        here, here1 = nxt, tz.utcoffset(start.replace(fold=1))
+        nxt = tz.utcoffset(datetime.fromordinal(o + 1))
+        days[o] = here.total_seconds() if here == here1 == nxt else None
+        o += 1
+    return days[ordinal]
+
+
+@functools.lru_cache(maxsize=65536)
+def _expansion(rrule: str, start: str, duration: str, tzname: str, since: date | None) -> _Expansion:
+    return _Expansion(rrule, start, duration, tzname, since)
+
+
 def _occurrences(rrule: str, start: str, duration: str, tzname: str, since: date | None, day0: date,
                  days: int) -> tuple[tuple[float, float], ...]:
-    """(start, end) UTC timestamps of the occurrences that start from ``day0 - (duration + 2 days)`` to ``day0 + days``."""
-    from dateutil.rrule import rrulestr
-
-    tz = zone(tzname)
-    dur = parse_duration(duration)
-    h, m = parse_time_of_day(start)
-    lo = datetime.combine(day0 - timedelta(days=dur.days + 2), time(0, 0))
-    hi = datetime.combine(day0 + timedelta(days=days), time(0, 0))
-    secs = dur.total_seconds()
-    at = time(h, m)
-    off = _steady_offset(tz, lo, hi + timedelta(days=1))  # the last day's occurrence starts after hi
-    if "UNTIL=" not in rrule.upper() and off is not None:
-        # the common case: the days do not depend on the time of day (one expansion shared by every start
-        # time and zone) and the zone's offset does not change in the range (plain arithmetic)
-        base = h * 3600 + m * 60 - off - _EPOCH_ORDINAL * 86400
-        return tuple((o * 86400 + base, o * 86400 + base + secs) for o in _days(rrule, since, lo.date(), hi.date()))
-    if "UNTIL=" in rrule.upper():  # UNTIL compares date and time: expand with the real start time
-        dtstart = datetime.combine(since, at) if since else lo.replace(hour=h, minute=m)
-        locals_ = rrulestr(rrule, dtstart=dtstart).between(lo, hi, inc=True)
-    else:
-        locals_ = [datetime.combine(date.fromordinal(o), at) for o in _days(rrule, since, lo.date(), hi.date())]
-    out = []
-    for local in locals_:
-        s = utc_ts(local, tz)
-        out.append((s, s + secs))
-    return tuple(out)
+    """(start, end) UTC timestamps of the occurrences on the local days ``day0 - (duration + 2 days)`` to ``day0 + days``."""
+    x = _expansion(rrule, start, duration, tzname, since)
+    first = day0.toordinal() - x.reach
+    return tuple((s, s + x.secs) for s in map(x.start_ts, x.days(first, day0.toordinal() + days)))
 
 
-def _steady_offset(tz: ZoneInfo, lo: datetime, hi: datetime) -> float | None:
-    """The zone's UTC offset in seconds if it is the same all through [lo, hi], else None.
-
-    Judged from both ends and the middle, so only for ranges shorter than any two changes can be
-    apart (the shortest in use, Morocco's Ramadan pause, is about a month)."""
-    if hi - lo > timedelta(days=20):
-        return None
-    a, b, c = tz.utcoffset(lo), tz.utcoffset(lo + (hi - lo) / 2), tz.utcoffset(hi)
-    return a.total_seconds() if a == b == c else None
-
-
-@functools.lru_cache(maxsize=4096)
-def _days(rrule: str, since: date | None, lo: date, hi: date) -> tuple[int, ...]:
-    """The days (ordinals) in [lo, hi] on which ``rrule`` (counted from ``since``, or from ``lo``) has an occurrence."""
-    from dateutil.rrule import rrulestr
-
-    start = datetime.combine(since or lo, time(0, 0))
-    return tuple(d.toordinal() for d in rrulestr(rrule, dtstart=start).between(
-        datetime.combine(lo, time(0, 0)), datetime.combine(hi, time(0, 0)), inc=True))
+def _coalesce(spans):
+    """Overlapping or touching spans (in order of start) as one."""
+    cur_s = cur_e = None
+    for s, e in spans:
+        if cur_s is None:
+            cur_s, cur_e = s, e
+        elif s <= cur_e:
+            if e > cur_e:
+                cur_e = e
+        else:
+            yield cur_s, cur_e
+            cur_s, cur_e = s, e
+    if cur_s is not None:
+        yield cur_s, cur_e
 
 
 def _merge(intervals) -> list[tuple[float, float]]:
@@ -410,84 +489,95 @@ class Schedule:
     """A cluster's windows and blackouts, ready to answer questions about instants.
 
     ``maintenance`` is a :class:`models.maintenance.DesiredMaintenance` (or None: always open);
-    ``calendars`` maps a calendar's file to its text. Questions look SHORT_DAYS ahead first and
-    the whole HORIZON_DAYS only when that finds nothing.
+    ``calendars`` maps a calendar's file to its text. Window occurrences are made lazily, in order,
+    from the instant asked about (at most HORIZON_DAYS ahead); calendar events are expanded for
+    SHORT_DAYS first, then 40 days, then HORIZON_DAYS, only as far as a question needs.
     """
 
     def __init__(self, maintenance, calendars: dict[str, str] | None = None):
         self.m = maintenance
         self.calendars = calendars or {}
         self.timezone = (maintenance.timezone if maintenance is not None else None) or "UTC"
-        self.rules = tuple(WindowRule(w.rrule, w.start, w.duration, w.timezone, w.since, w.name, w.origin)
-                           for w in (maintenance.windows if maintenance is not None else ()))
-        self.always_open = not self.rules
-        self._reach = max((parse_duration(r.duration).days for r in self.rules), default=0) + 2
+        wins = maintenance.windows if maintenance is not None else ()
+        self._x = [_expansion(w.rrule, w.start, w.duration, w.timezone, w.since) for w in wins]
+        self.always_open = not self._x
+        self._reach = max((x.reach for x in self._x), default=0) + 1
         self._cache: dict = {}
+
+    @property
+    def rules(self) -> tuple[WindowRule, ...]:
+        return tuple(WindowRule(w.rrule, w.start, w.duration, w.timezone, w.since, w.name, w.origin)
+                     for w in (self.m.windows if self.m is not None else ()))
 
     @property
     def unrestricted(self) -> bool:
         m = self.m
         return m is None or (self.always_open and not m.blackouts and not m.calendars)
 
-    # -- raw material, per query day and horizon
-    def windows(self, day0: date, days: int = HORIZON_DAYS) -> list[tuple[float, float]]:
-        return self._windows(day0, days)[0]
-
-    def _windows(self, day0: date, days: int):
-        key = ("w", day0, days)
-        hit = self._cache.get(key)
-        if hit is None:
-            if self.always_open:
-                occ = [(-_INF, _INF)]
-            elif len(self.rules) == 1:
-                r = self.rules[0]
-                occ = _occurrences(r.rrule, r.start, r.duration, r.timezone, r.since, day0, days)
-            else:
-                occ = _merge(o for r in self.rules for o in _occurrences(r.rrule, r.start, r.duration, r.timezone,
-                                                                        r.since, day0, days))
-            hit = self._cache[key] = (occ, [e for _, e in occ])
-        return hit
+    # -- raw material
+    def window_spans(self, frm: float, stop: float):
+        """The window occurrences (every rule, overlaps joined) that end after ``frm`` and start before ``stop``."""
+        if self.always_open:
+            yield -_INF, _INF
+            return
+        xs = self._x
+        if len(xs) == 1 and not xs[0].may_overlap:
+            yield from xs[0].spans(frm, stop)
+        else:
+            yield from _coalesce(heapq.merge(*(x.spans(frm, stop) for x in xs)))
 
     def blackouts(self, day0: date, days: int = HORIZON_DAYS) -> list[BlackoutSpan]:
+        """Every blackout that may overlap [day0 - a few days, day0 + days]: the fixed ones, and calendar events."""
         key = ("b", day0, days)
         if key not in self._cache:
-            spans = []
-            m = self.m
-            if m is not None:
-                for b in m.blackouts:
-                    tz = zone(b.timezone)
-                    spans.append(BlackoutSpan(utc_ts(b.from_, tz), utc_ts(b.to, tz), b.name, b.reason, b.scope,
-                                              b.timezone, b.origin))
-                for c in m.calendars:
-                    spans.extend(_ics_spans(self.calendars[c.file], c.timezone, c.scope, c.origin, day0,
-                                            days + self._reach))
+            spans = list(self._fixed())
+            for c in self.m.calendars if self.m is not None else ():
+                spans.extend(_ics_spans(self.calendars[c.file], c.timezone, c.scope, c.origin, day0, days + self._reach))
             self._cache[key] = sorted(spans, key=lambda s: (s.start, s.end))
         return self._cache[key]
 
+    def _fixed(self) -> list[BlackoutSpan]:
+        hit = self._cache.get("fixed")
+        if hit is None:
+            hit = self._cache["fixed"] = [
+                BlackoutSpan(_blackout_ts(b.from_, b.timezone), _blackout_ts(b.to, b.timezone), b.name, b.reason, b.scope,
+                             b.timezone, b.origin) for b in (self.m.blackouts if self.m is not None else ())]
+        return hit
+
     def _blocking(self, day0: date, kind: str, days: int = HORIZON_DAYS):
+        """(merged spans, their ends, the spans) of the blackouts that block ``kind``, for [day0, day0 + days]."""
+        if not self.m.blackouts and not self.m.calendars:
+            return _NOTHING
+        if not self.m.calendars:
+            days = HORIZON_DAYS  # fixed blackouts do not depend on the range: one answer for all
         key = ("k", day0, kind, days)
-        if key not in self._cache:
-            if not self.m.blackouts and not self.m.calendars:
-                return _NOTHING
+        hit = self._cache.get(key)
+        if hit is None:
             spans = [s for s in self.blackouts(day0, days) if blocks(s.scope, kind)]
             merged = _merge((s.start, s.end) for s in spans)
-            self._cache[key] = (merged, [e for _, e in merged], spans)
-        return self._cache[key]
+            hit = self._cache[key] = (merged, [e for _, e in merged], spans)
+        return hit
 
     # -- questions
-    def free(self, at: float, kind: str = "change", until: float | None = None, days: int = HORIZON_DAYS,
-             day0: date | None = None):
-        """Open stretches (windows minus the blackouts that block ``kind``) from ``at``, in order."""
+    def free(self, at: float, kind: str = "change", until: float | None = None, day0: date | None = None):
+        """Open stretches (windows minus the blackouts that block ``kind``) from ``at`` to ``until``, in order."""
         day0 = day0 or datetime.fromtimestamp(at, UTC).date()
-        until = at + days * 86400 if until is None else until
-        occ, ends_w = self._windows(day0, days)
-        bl, ends, _ = self._blocking(day0, kind, days)
+        until = at + HORIZON_DAYS * 86400 if until is None else until
+        base = (day0.toordinal() - _EPOCH_ORDINAL) * 86400.0
+        stages = iter((SHORT_DAYS, 40, HORIZON_DAYS) if self.m is not None and self.m.calendars else (HORIZON_DAYS,))
+        days = next(stages)
+        bl, ends, _ = self._blocking(day0, kind, days) if self.m is not None else _NOTHING
+        known = base + days * 86400  # blackouts are known up to here
         nbl = len(bl)
-        for s, e in occ[bisect.bisect_right(ends_w, at):]:
+        for s, e in self.window_spans(at, until):
             if s < at:
                 s = at
             if s >= until:
                 return
+            while e > known and days < HORIZON_DAYS:  # the stretch reaches past the calendar events expanded so far
+                days = next(stages)
+                bl, ends, _ = self._blocking(day0, kind, days)
+                known, nbl = base + days * 86400, len(bl)
             if not nbl:
                 yield s, e
                 continue
@@ -505,12 +595,11 @@ class Schedule:
     def _scan(self, at: float, kind: str, need: float, day0: date):
         """(the first open stretch from ``at``, the first one with ``need`` seconds in it as an Opening)."""
         first = None
-        for days in (SHORT_DAYS, 40, HORIZON_DAYS):
-            for s, e in self.free(at, kind, days=days, day0=day0):
-                if first is None:
-                    first = (s, e)
-                if e - s >= need and e > s:
-                    return first, Opening(s, e, self.timezone)
+        for s, e in self.free(at, kind, day0=day0):
+            if first is None:
+                first = (s, e)
+            if e - s >= need and e > s:
+                return first, Opening(s, e, self.timezone)
         return first, None
 
     def next_opening(self, at: float, kind: str = "change", need: float = 0.0) -> Opening | None:
@@ -545,14 +634,17 @@ class Schedule:
         """The raw window occurrences overlapping [since, until) (blackouts not taken off)."""
         if self.always_open:
             return []
-        day0 = datetime.fromtimestamp(since, UTC).date()
-        days = int((until - since) // 86400) + 2
-        return [Opening(s, e, self.timezone) for s, e in self.windows(day0, days) if e > since and s < until]
+        return [Opening(s, e, self.timezone) for s, e in self.window_spans(since, until)]
 
     def blackouts_between(self, since: float, until: float) -> list[BlackoutSpan]:
         day0 = datetime.fromtimestamp(since, UTC).date()
         days = int((until - since) // 86400) + 2
         return [b for b in self.blackouts(day0, days) if b.end > since and b.start < until]
+
+
+@functools.lru_cache(maxsize=65536)
+def _blackout_ts(local: datetime, tzname: str) -> float:
+    return utc_ts(local, zone(tzname))
 
 
 # --------------------------------------------------------------------------- availability

@@ -179,12 +179,15 @@ def test_dry_run_asks_what_would_happen_at_a_time(fleet):
     assert "platform-only-clock" in str(e.value)
 
 
-@pytest.mark.heavy  # its final form never ran: a worker's pickup takes minutes here
 def test_rollout_converges_open_windows_and_defers_the_rest_with_a_follow_up_run(fleet, worker):
-    """Through the deployment (a real worker): three zones, one converges, the others wait, one follow-up run."""
+    """Through the deployment (a real worker): three zones, one converges, the others wait, one follow-up run.
+
+    alice (platform) starts it: an upgrade by parameter names a person, and only a platform member may
+    run a real change with a shifted clock."""
     from prefect.deployments import run_deployment
 
-    params = {"selector": {"tier": "windowtest"}, "source": {"path": str(fleet["root"])}, "to_version": "1.21", "now": T}
+    params = {"selector": {"tier": "windowtest"}, "source": {"path": str(fleet["root"])}, "to_version": "1.21", "now": T,
+              "actor": "alice"}
     before = datetime.now(timezone.utc)
     fr = run_deployment(name="rollout-fleet/rollout-fleet", parameters=params, timeout=600, poll_interval=2)
     after = datetime.now(timezone.utc)
@@ -216,30 +219,72 @@ def test_rollout_converges_open_windows_and_defers_the_rest_with_a_follow_up_run
     (nxt,) = runs
     assert nxt.parameters["now"] == "2026-07-01T10:01:00+00:00"
     p = nxt.parameters  # the run's own parameters, with their defaults filled in
-    assert (p["selector"], p["to_version"], p["source"]["path"]) == (params["selector"], "1.21", params["source"]["path"])
+    assert (p["selector"], p["to_version"], p["source"]["path"], p["actor"]) == (params["selector"], "1.21",
+                                                                                params["source"]["path"], "alice")
     lead = timedelta(hours=2, minutes=1)  # 08:00 -> 10:01 on the run's clock, which started between before and after
     assert before + lead - timedelta(seconds=2) <= nxt.expected_start_time <= after + lead + timedelta(seconds=2)
 
     assert nxt.idempotency_key.startswith(f"fleetwright-follow-up-{fr.deployment_id}-")  # a retried run adds none
 
 
-@pytest.mark.heavy  # fails since the automation is no platform member: a real sweep with `now` is refused (platform-only-clock) and the sweep takes no actor yet
 def test_sweep_observes_at_any_time_and_repairs_in_the_window(fleet):
-    """reconcile-fleet reports fw-dev's drift at 08:00 UTC but leaves the repair for its window."""
+    """reconcile-fleet reports fw-dev's drift at 08:00 UTC but leaves the repair for its window.
+
+    A dry run says the repair would wait and why; a real run with a shifted clock is refused for the
+    automation identity (platform-only-clock) and runs for a platform member named as its actor."""
     from flows.reconcile import reconcile_fleet
 
     core = k8s.CoreV1Api(kube_client(fleet["endpoints"]["fw-dev"]))
     core.patch_namespaced_config_map("prometheus-settings", "monitoring", {"data": {"retention": "1h"}})
-    out = reconcile_fleet(selector={"zone": "newyork"}, source=src(fleet), now=T)
+    sel = {"zone": "newyork"}
+    dry = reconcile_fleet(selector=sel, source=src(fleet), now=T, dry_run=True)  # the automation may ask
+    dev = {c["cluster"]: c for c in dry["clusters"]}["fw-dev"]
+    assert dev["status"] == "deferred" and any("retention" in d for d in dev["drift"]), dev
+    assert dev["reason"].startswith("a real run would defer the repair: outside its maintenance window "
+                                    "(FREQ=DAILY at 06:00 for 4h America/New_York"), dev["reason"]
+    assert "next window 2026-07-01 06:00–10:00 America/New_York (2026-07-01 10:00–14:00 UTC)" in dev["reason"]
+    assert dry["windows"]["deferred"]["fw-dev"]["next_utc"] == "2026-07-01 10:00–14:00 UTC"
+    assert "a dry run schedules nothing (a real run would, for 2026-07-01 10:01 UTC)" in dry["windows"]["follow_up"]["why"]
+    in_window = reconcile_fleet(selector=sel, source=src(fleet), now="2026-07-01T11:00:00+00:00", dry_run=True)
+    assert in_window["clusters"][0]["status"] == "drift"  # inside its window: the repair would be made
+    with pytest.raises(PolicyDenied) as e:  # the automation never shifts a real run's clock
+        reconcile_fleet(selector=sel, source=src(fleet), now=T)
+    assert "platform-only-clock" in str(e.value)
+    assert core.read_namespaced_config_map("prometheus-settings", "monitoring").data["retention"] == "1h"
+
+    out = reconcile_fleet(selector=sel, source=src(fleet), now=T, actor="alice")
     dev = {c["cluster"]: c for c in out["clusters"]}["fw-dev"]
     assert dev["status"] == "deferred" and any("retention" in d for d in dev["drift"]), dev
-    assert "outside its maintenance window" in dev["reason"]
+    assert dev["reason"].startswith("outside its maintenance window"), dev["reason"]
+    assert (out["actor"], out["windows"]["actor"], out["windows"]["clock"]) == ("alice", "alice", T)
     assert core.read_namespaced_config_map("prometheus-settings", "monitoring").data["retention"] == "1h"
     assert out["windows"]["follow_up"]["scheduled"] is False  # not run from a deployment: said so
     assert "not started from a deployment" in out["windows"]["follow_up"]["why"]
-    inside = reconcile_fleet(selector={"zone": "newyork"}, source=src(fleet), now="2026-07-01T11:00:00+00:00")
+    inside = reconcile_fleet(selector=sel, source=src(fleet), now="2026-07-01T11:00:00+00:00", actor="alice")
     assert inside["clusters"][0]["status"] == "corrected"
     assert core.read_namespaced_config_map("prometheus-settings", "monitoring").data["retention"] == "3d"
+
+
+def test_upgrade_and_add_component_wait_for_the_window(fleet):
+    """upgrade-cluster and add-component (real runs, as alice at 08:00 UTC) leave fw-dev alone until New York's
+    window opens, say why, and change nothing."""
+    from flows.lifecycle import add_component, upgrade_cluster
+
+    up = upgrade_cluster(cluster="fw-dev", to_version="1.21", source=src(fleet), now=T, actor="alice")
+    (dev,) = up["clusters"]
+    assert dev["status"] == "deferred" and dev["done"] == [], dev
+    assert dev["reason"].startswith("outside its maintenance window (FREQ=DAILY at 06:00 for 4h America/New_York")
+    rec = up["windows"]["deferred"]["fw-dev"]
+    assert (rec["step"], rec["rule"], rec["next_utc"]) == ("controlPlane.upgrade", "window", "2026-07-01 10:00–14:00 UTC")
+    assert versions(fleet)["fw-dev"] == "1.20"
+
+    add = add_component(component="external-dns", selector={"zone": "newyork"}, source=src(fleet), now=T,
+                        actor="alice", write_back="off")
+    (dev,) = add["clusters"]
+    assert dev["status"] == "deferred" and dev["done"] == [], dev
+    assert add["windows"]["deferred"]["fw-dev"]["step"] == "component.install"
+    namespaces = [n.metadata.name for n in k8s.CoreV1Api(kube_client(fleet["endpoints"]["fw-dev"])).list_namespace().items]
+    assert "kube-system" in namespaces and "external-dns" not in namespaces
 
 
 def _paused_run(deadline: float):

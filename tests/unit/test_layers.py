@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ALLOWED_IN_MODELS = {"__future__", "typing", "dataclasses", "enum", "re", "ipaddress", "hashlib", "json", "copy",
                      "string", "pydantic", "yaml", "itertools", "functools", "collections", "math",
                      # pure time libraries (maintenance windows): no I/O beyond reading the tz database
-                     "datetime", "zoneinfo", "bisect", "posixpath", "dateutil", "icalendar", "recurring_ical_events"}
+                     "datetime", "zoneinfo", "bisect", "heapq", "posixpath", "dateutil", "icalendar", "recurring_ical_events"}
 FORBIDDEN_CALLS = {"open", "exec", "eval", "__import__"}
 
 

@@ -280,6 +280,43 @@ def test_property_decide_agrees_with_occurrences(tz, which, hour, hours, probe):
         assert d.rule == "window" and d.next.start == min(a for a, _ in occ if a > at)
 
 
+RULES = ["FREQ=DAILY", "FREQ=WEEKLY;BYDAY=SA,SU", "FREQ=WEEKLY;BYDAY=MO,TU,WE,TH", "FREQ=MONTHLY;BYDAY=1SA,3SA",
+         "FREQ=MONTHLY;BYMONTHDAY=1,15", "FREQ=WEEKLY;BYDAY=FR;UNTIL=20270115T000000"]
+
+
+def _reference(rules, tz: str, at: float) -> tuple[bool, float]:
+    """Straight from dateutil and zoneinfo, no cache and no shortcut: is ``at`` inside an occurrence of any
+    rule, and when does the first occurrence after ``at`` start?"""
+    from dateutil.rrule import rrulestr
+
+    occ = []
+    for rule, start, hours in rules:
+        h, m = map(int, start.split(":"))
+        for d in rrulestr(rule, dtstart=datetime(2025, 1, 1, h, m)).between(datetime(2025, 12, 1), datetime(2028, 3, 1)):
+            s = to_utc(d, ZoneInfo(tz)).timestamp()
+            occ.append((s, s + hours * 3600))
+    return any(a <= at < b for a, b in occ), min((a for a, _ in occ if a > at), default=None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tz=st.sampled_from(ZONES + ["Europe/London", "Asia/Kolkata", "Pacific/Auckland", "America/Santiago"]),
+       rules=st.lists(st.tuples(st.sampled_from(RULES), st.sampled_from(["00:00", "01:30", "02:30", "09:00", "22:45"]),
+                                st.integers(1, 30)), min_size=1, max_size=3),
+       probe=st.integers(0, 2 * 366 * 24 * 4))
+def test_property_lazy_expansion_agrees_with_dateutil(tz, rules, probe):
+    """The fast path (days expanded per rule and year, offsets per zone and day, occurrences made lazily, several
+    windows joined) answers like a plain dateutil expansion: open or not, and the next opening's start (between
+    two joined occurrences, the next start after the joined stretch)."""
+    m = DesiredMaintenance(timezone=tz, windows=[DesiredWindow(timezone=tz, rrule=r, start=st_, duration=f"{h}h",
+                                                               origin="t") for r, st_, h in rules])
+    at = ts("2026-01-01T00:00:00+00:00") + probe * 900
+    inside, nxt = _reference(rules, tz, at)
+    d = Schedule(m).decide(at)
+    assert d.allowed == inside
+    if not inside:
+        assert d.rule == "window" and (d.next.start if d.next else None) == nxt
+
+
 def test_window_spanning_midnight_is_open_after_midnight():
     m = DesiredMaintenance(timezone="America/New_York", windows=[
         DesiredWindow(timezone="America/New_York", rrule="FREQ=WEEKLY;BYDAY=FR", start="22:00", duration="6h", origin="t")])
@@ -375,6 +412,30 @@ def test_cli_windows_prints_local_and_utc():
                                  "--days", "1"])
     assert "2026-07-04 01:00–09:00 Europe/Berlin" in r.output and "2026-07-03 23:00–2026-07-04 07:00 UTC" in r.output
     assert CliRunner().invoke(app, ["windows", str(EXAMPLES), "-c", "nope"]).exit_code == 2
+
+
+def test_render_shows_the_merged_maintenance(example_files, tmp_path):
+    """`fleetwright render` prints the merged block: the zone and windows with the level they came from, blackouts
+    of every level added up (the fleet's own here, given to every cluster in its own zone)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fleetwright.cli import app
+
+    files = edit(example_files, "policy.yaml", "    minimumAvailability:", FLEET_DEFAULTS)
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    r = CliRunner().invoke(app, ["render", str(tmp_path), "-c", "edge-store-01", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)["maintenance"]
+    assert (m["timezone"], m["timezoneFrom"], m["windowsFrom"]) == ("Europe/London", "Cluster/edge-store-01",
+                                                                     "Cluster/edge-store-01")
+    assert [(w["name"], w["origin"]) for w in m["windows"]] == [("overnight", "Cluster/edge-store-01")]
+    assert [(b["name"], b["timezone"], b["origin"]) for b in m["blackouts"]] == [("Fleet freeze", "Europe/London",
+                                                                                 "Policy/fleet")]
+    assert m["calendars"][0]["origin"] == "Cluster/edge-store-01 (../calendars/trading.ics)"
 
 
 # --------------------------------------------------------------------------- the flows' gate (pure parts)
