@@ -457,6 +457,25 @@ def test_gate_defers_per_step_and_forgets_when_allowed(example_defs):
     assert gate.check(resolve(example_defs, "us-web-staging"), up) is None  # no window: always open
 
 
+def test_step_estimates_are_configured_in_the_policy(example_files):
+    """The Policy's `estimates` decide whether a step fits before the window closes; a bad one is located."""
+    from flows.windows import WindowGate
+    from models.plan import Step
+
+    old = "estimates: {controlPlane.upgrade: 45m,"
+    defs = load(edit(example_files, "policy.yaml", old, "estimates: {controlPlane.upgrade: 20m,"))
+    store = resolve(defs, "edge-store-01")
+    up = Step(id="x", cluster="edge-store-01", action="controlPlane.upgrade", target="infrastructure", object="x", reason="")
+    gate = WindowGate(defs, flow="t", actor="bob", dry_run=True, now=datetime(2026, 12, 1, 5, 30, tzinfo=UTC))
+    assert gate.check(store, up) is None  # 30 minutes left: a 20-minute upgrade fits
+    files = edit(example_files, "policy.yaml", old, "estimates: {controlPlane.upgrade: 0m,")
+    line = next(i for i, x in enumerate(files["policy.yaml"].splitlines(), 1) if "estimates:" in x)
+    (p,) = problems(files)
+    assert p.startswith(f"policy.yaml:{line}") and "estimates" in p and "longer than zero" in p, p
+    files = edit(example_files, "policy.yaml", old, "estimates: {controlPlane.upgrades: 45m,")
+    assert any(x.startswith(f"policy.yaml:{line}") and "controlPlane.upgrades" in x for x in problems(files))
+
+
 def test_gate_clock_runs_on_from_now_and_needs_a_zone(example_defs):
     from flows.windows import Clock, WindowGate
     from models.errors import PermanentError
