@@ -14,7 +14,9 @@ One :class:`WindowGate` per flow run holds
   is outside the window, inside a blackout whose scope covers it, or would not finish before the
   window closes, is not started, and the cluster is ``deferred``;
 - the **security override**: with a reason, a run may cross windows and blackouts once a second
-  person approves it (``pause_flow_run``); requester, approver and reason are recorded.
+  person approves it (``pause_flow_run`` with an ``Approval`` input, judged by the same rules as every
+  approval, ``models.policy.judge_approval``: named, a person, not the requester, in the platform
+  role or the team that owns the blocked clusters); requester, approver, rule and reason are recorded.
 
 Waiting costs nothing: no worker sleeps. :meth:`WindowGate.finish` schedules one follow-up run of
 the same deployment, with the same parameters, a minute after the earliest next opening of the
@@ -127,10 +129,7 @@ class WindowGate:
         """With a security override: if any cluster is blocked now, wait for a second person's approval."""
         if self.override is None:
             return
-        from prefect.exceptions import FlowPauseTimeout
-        from prefect.flow_runs import pause_flow_run
-
-        from .common import Approval
+        from .approvals import ask, judge
 
         now = self.clock.now()
         blocked = {}
@@ -153,26 +152,17 @@ class WindowGate:
         log.warning("security override requested by %s (%s): waiting for approval to cross the rules of %s",
                     self.actor, self.override.reason, ", ".join(blocked))
         lines = "; ".join(f"{n}: {r}" for n, r in sorted(blocked.items()))
-        try:
-            answer = pause_flow_run(
-                wait_for_input=Approval.with_initial_data(
-                    description=f"Security override of {self.flow} requested by {self.actor}: {self.override.reason}. "
-                                f"It crosses: {lines}. Approve as a second person (not {self.actor}).", approver=""),
-                timeout=self.approval_timeout, poll_interval=2, key="security-override")
-        except FlowPauseTimeout:
-            rec["outcome"] = f"refused: no approval within {self.approval_timeout}s"
-            return
-        approver = (answer.approver or "").strip()
-        rec.update(approver=approver, comment=answer.comment)
-        if not answer.approve:
-            rec["outcome"] = f"refused by {approver}"
-        elif not approver:
-            rec["outcome"] = "refused: the approver gave no name"
-        elif approver == self.actor:
-            rec["outcome"] = f"refused: {approver} requested it and cannot also approve it"
-        else:
-            rec.update(granted=True, outcome=f"approved by {approver}")
+        answer = ask(f"Security override of {self.flow} requested by {self.actor}: {self.override.reason}. "
+                     f"It crosses: {lines}. Approve as a second person (not {self.actor}), in the platform role "
+                     "or in the team that owns these clusters.", key="security-override", timeout=self.approval_timeout)
+        verdict = judge(self.defs, answer, actor=self.actor, clusters=sorted(blocked), what="security override",
+                        timeout=self.approval_timeout)
+        rec.update(approver=verdict["approver"], comment=verdict["comment"], rule=verdict["rule"])
+        if verdict["approved"]:
+            rec.update(granted=True, outcome=f"approved by {verdict['approver']}")
             self.granted = True
+        else:
+            rec["outcome"] = f"refused ({verdict['rule']}): {verdict['reason']}"
         log.warning("security override %s", rec["outcome"])
 
     # ------------------------------------------------------------------ the end of the run

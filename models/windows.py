@@ -656,12 +656,17 @@ def least_availability(rules: tuple[WindowRule, ...], per: timedelta) -> tuple[f
     """(hours, start timestamp) of the rolling period of length ``per`` with the least window time in it.
 
     Judged over one year from the earliest ``since`` (or AVAILABILITY_EPOCH); windows only, not blackouts.
+    Cached by the rules' timing (clusters that copy one window are judged once).
     """
-    first = min((r.since for r in rules if r.since), default=AVAILABILITY_EPOCH)
+    return _least_availability(tuple((r.rrule, r.start, r.duration, r.timezone, r.since) for r in rules), per)
+
+
+@functools.lru_cache(maxsize=4096)
+def _least_availability(rules: tuple[tuple, ...], per: timedelta) -> tuple[float, float]:
+    first = min((r[4] for r in rules if r[4]), default=AVAILABILITY_EPOCH)
     span = 366
     per_s = per.total_seconds()
-    occ = _merge(o for r in rules for o in _occurrences(r.rrule, r.start, r.duration, r.timezone, r.since, first,
-                                                       span + per.days + 2))
+    occ = _merge(o for r in rules for o in _occurrences(*r, first, span + per.days + 2))
     t0 = datetime.combine(first, time(0, 0), UTC).timestamp()
     t_end = t0 + span * 86400
     starts = [s for s, _ in occ]

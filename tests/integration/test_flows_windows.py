@@ -310,19 +310,25 @@ def _override_run(fleet, box):
                                return_state=True)
 
 
-def test_security_override_needs_a_second_person(fleet):
-    """The requester cannot approve it herself: fw-prod stays deferred inside its blackout."""
+@pytest.mark.parametrize("approver, outcome", [
+    ("alice", "refused (second-person): alice started this and cannot approve it too: a second person must approve"),
+    ("dave", "refused (approver-authorized): dave is neither in the platform role nor in the team that owns fw-prod"),
+], ids=["the-requester", "an-auditor-outside-the-team"])
+def test_security_override_needs_a_second_person(fleet, approver, outcome):
+    """Judged by the rules of every approval: the requester cannot approve it herself, nor can an auditor outside
+    the owning team; fw-prod stays deferred inside its blackout."""
     from prefect.flow_runs import resume_flow_run
 
     box = {}
     t = in_thread(_override_run, fleet, box)
     run_id = _paused_run(time.time() + 120)
     assert run_id, "the run never paused for the override's approval"
-    resume_flow_run(run_id, run_input={"approver": "alice", "approve": True})
+    resume_flow_run(run_id, run_input={"approver": approver, "approve": True})
     t.join(300)
     out = box["out"].result()
     assert out["clusters"][0]["status"] == "deferred"
-    assert out["windows"]["override"]["outcome"] == "refused: alice requested it and cannot also approve it"
+    assert out["windows"]["override"]["outcome"] == outcome
+    assert out["windows"]["override"]["granted"] is False
     assert versions(fleet)["fw-prod"] == "1.20"
 
 
@@ -334,15 +340,15 @@ def test_security_override_crosses_a_blackout_after_approval(fleet):
     run_id = _paused_run(time.time() + 120)
     assert run_id, "the run never paused for the override's approval"
     assert versions(fleet)["fw-prod"] == "1.20"  # nothing changes before the approval
-    resume_flow_run(run_id, run_input={"approver": "dave", "approve": True, "comment": "checked the advisory"})
+    resume_flow_run(run_id, run_input={"approver": "bob", "approve": True, "comment": "checked the advisory"})
     t.join(600)
     state = box["out"]
     assert state.is_completed(), state
     out = state.result()
     assert out["clusters"][0]["status"] == "converged"
     ov = out["windows"]["override"]
-    assert (ov["requester"], ov["approver"], ov["granted"]) == ("alice", "dave", True)
+    assert (ov["requester"], ov["approver"], ov["granted"], ov["rule"]) == ("alice", "bob", True, "approved")
     assert ov["reason"].startswith("CVE-2026-0001") and "blackout 'Summer sale'" in ov["clusters"]["fw-prod"]
     assert versions(fleet)["fw-prod"] == "1.21"
     summary = run_artifact("rollout-fleet-summary", run_id)
-    assert "requested by **alice**" in str(summary) and "approved by dave" in str(summary)
+    assert "requested by **alice**" in str(summary) and "approved by bob" in str(summary)
