@@ -10,9 +10,15 @@ a push during the run never changes what the run reads (objects are immutable; t
 
 Credentials (:class:`GitCredentials`, filled from a Prefect block by ``tasks.blocks``) never appear
 in argv, in the URL or in logs: a token goes through ``GIT_ASKPASS`` (a script that echoes
-environment variables set for that one ``git`` process), an SSH key through ``GIT_SSH_COMMAND``
-with the key in a private 0700 directory removed after the command. Stored credential helpers
-are switched off for these commands.
+environment variables set for that one ``git`` process), an SSH key through ``GIT_SSH_COMMAND``.
+The script, the key and the known-hosts file are written to a run directory inside the process's
+private directory (``backends/private.py``: 0700, never the shared temp dir), removed after the
+command. Stored credential helpers are switched off for these commands.
+
+Network commands (fetch, push, ls-remote) run under the watchdog ``backends/reaper.py``, as
+Ansible does: when the process that started them dies (even by SIGKILL) the whole tree (``git``,
+``git-remote-http``, ``ssh``) is killed at once and the run directory with the credentials is
+removed; a process directory left anyway is swept by the next process that starts.
 
 Write-back (:func:`write_back`): the change (files to add or replace) is made as a commit on the
 run's commit with git plumbing (a private index, ``commit-tree``), checked by the caller, and
@@ -30,6 +36,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,7 @@ from pydantic import SecretStr
 
 from models.errors import PermanentError, TransientError
 
+from . import private
 from .definitions import read_git
 
 _URL = re.compile(r"^(https?|ssh|git|file)://", re.I)
@@ -80,45 +88,62 @@ class GitCredentials:
 
 @contextlib.contextmanager
 def auth_env(creds: Optional[GitCredentials]) -> Iterator[dict[str, str]]:
-    """Environment for one ``git`` process: no prompts, no stored helpers, our token or key only."""
+    """Environment for one network ``git`` command: no prompts, no stored helpers, our token or key only.
+
+    Its run directory (``FW_GIT_RUN_DIR``, in the process's private directory) holds the askpass
+    script, the key and the known hosts, and is removed when the block ends (or, after a kill, by
+    the watchdog).
+    """
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_CONFIG_NOSYSTEM="1",
                GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="credential.helper", GIT_CONFIG_VALUE_0="")
     for k in ("FW_GIT_USERNAME", "FW_GIT_PASSWORD", "GIT_ASKPASS", "SSH_ASKPASS"):
         env.pop(k, None)
-    if creds is None or (creds.token is None and creds.ssh_private_key is None):
-        env["GIT_SSH_COMMAND"] = "ssh -o BatchMode=yes"
-        yield env
-        return
-    d = tempfile.mkdtemp(prefix="fleetwright-git-")  # mode 0700
-    try:
-        if creds.token is not None:
+    with private.run_dir("git") as d:
+        env["FW_GIT_RUN_DIR"] = str(d)
+        ssh = ["ssh", "-o", "BatchMode=yes"]
+        if creds is not None and creds.token is not None:
             script = Path(d) / "askpass"
             script.write_text('#!/bin/sh\ncase "$1" in Username*) printf "%s\\n" "$FW_GIT_USERNAME";; '
                               '*) printf "%s\\n" "$FW_GIT_PASSWORD";; esac\n')
             script.chmod(0o700)
             env.update(GIT_ASKPASS=str(script), FW_GIT_USERNAME=creds.username,
                        FW_GIT_PASSWORD=creds.token.get_secret_value())
-        ssh = ["ssh", "-o", "BatchMode=yes"]
-        if creds.ssh_private_key is not None:
+        if creds is not None and creds.ssh_private_key is not None:
             key = Path(d) / "id"
             fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(creds.ssh_private_key.get_secret_value().strip() + "\n")
+            ssh += ["-i", str(key), "-o", "IdentitiesOnly=yes"]
+        if creds is not None and creds.known_hosts.strip():  # else the user's known hosts, strictly (BatchMode)
             kh = Path(d) / "known_hosts"
-            kh.write_text(creds.known_hosts.strip() + "\n" if creds.known_hosts.strip() else "")
-            ssh += ["-i", str(key), "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={kh}",
-                    "-o", f"StrictHostKeyChecking={'yes' if creds.known_hosts.strip() else 'accept-new'}"]
+            kh.write_text(creds.known_hosts.strip() + "\n")
+            ssh += ["-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes"]
         env["GIT_SSH_COMMAND"] = " ".join(ssh)
         yield env
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+
+
+REAPER = Path(__file__).resolve().parent / "reaper.py"
 
 
 def _run(args: list[str], *, env: dict | None = None, input: bytes | None = None, url: str = "") -> subprocess.CompletedProcess:
+    """A local ``git`` command (the cache clone's plumbing: short, no network, no credentials)."""
     try:
         return subprocess.run(["git", *args], env=env, input=input, capture_output=True, check=False)
     except FileNotFoundError:
         raise PermanentError("git is not installed") from None
+
+
+def _run_network(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """A ``git`` command that talks to the remote (``env`` from :func:`auth_env`), under the watchdog
+    ``backends/reaper.py``: if this process dies, the command's whole tree is killed and its run
+    directory (the credentials) removed."""
+    exe = shutil.which("git", path=env.get("PATH"))
+    if exe is None:
+        raise PermanentError("git is not installed")
+    run_dir = env.pop("FW_GIT_RUN_DIR")
+    env = dict(env, FW_REAPER_PARENT=str(os.getpid()), FW_REAPER_RUN_DIR=run_dir,
+               FW_REAPER_PROCESS_DIR=str(Path(run_dir).parent), FW_REAPER_EXEC=exe)
+    return subprocess.run([sys.executable, "-I", str(REAPER), *args], env=env, capture_output=True, check=False)
 
 
 def _err(r: subprocess.CompletedProcess) -> str:
@@ -135,6 +160,8 @@ def _raise(what: str, url: str, r: subprocess.CompletedProcess):
     if "authentication failed" in low or "403" in low or "401" in low or "permission denied" in low \
             or "could not read username" in low:
         raise PermanentError(msg + " (check the Git credentials block)")
+    if "host key verification failed" in low:
+        raise PermanentError(msg + " (the host's key is not trusted: put its known_hosts line in the Git credentials block)")
     if any(t in low for t in _TRANSIENT):
         raise TransientError(msg)
     raise PermanentError(msg)
@@ -196,8 +223,8 @@ class RemoteRepo:
         with self._locked():
             self._ensure()
             with auth_env(self.creds) as env:
-                r = _run(["--git-dir", str(self.path), "fetch", "-q", "--prune", "--no-write-fetch-head", "origin",
-                          *(extra or self._REFSPECS)], env=env)
+                r = _run_network(["--git-dir", str(self.path), "fetch", "-q", "--prune", "--no-write-fetch-head",
+                                  "origin", *(extra or self._REFSPECS)], env)
             if r.returncode != 0:
                 _raise("fetch", self.url, r)
 
@@ -244,7 +271,7 @@ class RemoteRepo:
         """The remote's current SHA of ``ref`` without fetching (``git ls-remote``); None if absent."""
         want = "HEAD" if ref == "HEAD" else (ref if ref.startswith("refs/") else f"refs/heads/{ref}")
         with auth_env(self.creds) as env:
-            r = _run(["ls-remote", self.url, want], env=env)
+            r = _run_network(["ls-remote", self.url, want], env)
         if r.returncode != 0:
             _raise("ls-remote", self.url, r)
         for line in r.stdout.decode().splitlines():
@@ -261,6 +288,10 @@ class RemoteRepo:
         """The author email of a commit (unverified: anyone may write any name into a commit)."""
         return self._git("show", "-s", "--format=%ae", sha).decode().strip()
 
+    def has(self, sha: str) -> bool:
+        """The cache clone has that commit."""
+        return self._local(sha) is not None
+
     def is_ancestor(self, a: str, b: str) -> bool:
         return _run(["--git-dir", str(self.path), "merge-base", "--is-ancestor", a, b]).returncode == 0
 
@@ -270,7 +301,7 @@ class RemoteRepo:
     # ------------------------------------------------------------------ write-back
     def _commit_on(self, parent: str, files: dict[str, str], message: str, author: str) -> Optional[str]:
         """A commit on ``parent`` with ``files`` written; None when they are already so. Raises on a conflict."""
-        with tempfile.TemporaryDirectory(prefix="fleetwright-index-") as d:
+        with private.run_dir("git-index") as d:
             idx = dict(os.environ, GIT_INDEX_FILE=str(Path(d) / "index"))
             base = ["--git-dir", str(self.path)]
             r = _run([*base, "read-tree", parent], env=idx)
@@ -319,7 +350,7 @@ class RemoteRepo:
             if check is not None:
                 check(sha)
             with auth_env(self.creds) as env:
-                r = _run(["--git-dir", str(self.path), "push", "--porcelain", "origin", f"{sha}:{ref}"], env=env)
+                r = _run_network(["--git-dir", str(self.path), "push", "--porcelain", "origin", f"{sha}:{ref}"], env)
             if r.returncode == 0:
                 with self._locked():
                     self._git("update-ref", f"refs/remotes/origin/{target or branch}", sha)

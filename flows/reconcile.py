@@ -391,6 +391,7 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
                          f"({math.ceil(len(outcomes) / batch_size)} batches of up to {batch_size}).\n\n{guard.markdown()}"
                          "\n\n" + win.finish() + ("\n\n" + approval_markdown([approval]) if approval else ""))
         summary = summarise(outcomes, windows=win.record())
+        summary["kept"] = list(guard.kept)  # removals the guard dropped (a newer commit or an imperative add wants them)
     summary["approval"] = approval
     summary["actor"] = actor
     log.info("fleet: %s", ", ".join(f"{k}={v}" for k, v in sorted(summary["counts"].items())))

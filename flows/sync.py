@@ -3,7 +3,10 @@
 A push (reported by the webhook receiver, ``fleetwright webhook serve``, or found by the poll)
 names the repository, the commits before and after, and the pusher. The flow:
 
-1. fetches the worker's cache clone and reads the definitions at ``after`` and ``before``
+1. fetches the worker's cache clone; a push whose ``after`` is no longer the branch's head starts
+   nothing (superseded by a newer commit, or force-pushed away: a late delivery never rolls back);
+   then reads the definitions at ``after`` and at the base, the last synced commit when it is an
+   ancestor of ``after`` (so collapsed or lost pushes are included), else ``before``
    (strictly: invalid definitions stop here, naming file, line and field);
 2. computes the same diff as ``fleetwright diff`` (``models.diff.diff_fleet`` on the resolved fleet);
 3. judges the change for the pusher, mapped to a person by ``Policy.spec.gitIdentities``
@@ -37,7 +40,7 @@ from models.policy import Verdict, actor_from, evaluate, person_for
 from models.resolve import resolve_all
 from models.status import Status
 from tasks.cluster import Outcome, converge
-from tasks.definitions import DefinitionsSource, default_source, remote_repo
+from tasks.definitions import DefinitionsSource, default_source, redact, remote_repo
 from tasks.report import publish
 
 from .common import in_threads
@@ -143,8 +146,21 @@ def sync_from_git(repo: str, after: str, before: str = "", ref: str = "refs/head
     git = remote_repo(src)
     git.fetch()
     after = git.resolve(after)
-    if not before or _ZERO.match(before):
-        before = (last_synced(repo, branch) if event == "push" else None) or ""
+    if event == "push" and not dry:
+        stale = _stale(git, repo, branch, after, delivery)
+        if stale is not None:
+            return stale
+    given = before if before and not _ZERO.match(before) else ""
+    if event == "push":  # diff from what was last rolled out when that is older (collapsed or lost pushes)
+        last = last_synced(repo, branch)
+        if last and last != after and git.has(last) and git.is_ancestor(last, after):
+            before = last
+        elif not given:
+            before = last or ""
+        else:
+            before = given
+    else:
+        before = given
     before = git.resolve(before) if before else ""
     pinned = src.model_copy(update={"ref": after, "base_ref": before or None, "branch": branch})
     from tasks.definitions import Revision, _remember, _run_id
@@ -210,6 +226,31 @@ def sync_from_git(repo: str, after: str, before: str = "", ref: str = "refs/head
         _record_synced(repo, branch, after)
     result["runs"] = runs
     return result
+
+
+def _stale(git, repo: str, branch: str, after: str, delivery: str) -> Optional[dict]:
+    """A push whose commit is no longer the branch's head starts nothing (None: ``after`` is the head).
+
+    A late or replayed delivery of an older commit must never roll the fleet back from a newer one:
+    when the branch has moved past ``after``, the sync of the newer head (its webhook, or the poll)
+    rolls out both; when ``after`` is not on the branch any more (force-pushed away), nothing rolls out.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    head = git.resolve(f"refs/heads/{branch}")
+    if head == after:
+        return None
+    newer = git.is_ancestor(after, head)
+    why = (f"superseded: branch `{branch}` has moved on to `{head}`, which contains `{after}`; the sync of "
+           f"`{head[:12]}` rolls it out" if newer else
+           f"`{after}` is no longer on branch `{branch}` (now at `{head}`, force-pushed?): not rolled out")
+    get_run_logger().warning("%s %s: %s", repo, after[:12], why.replace("`", ""))
+    create_markdown_artifact(key="sync-from-git", description=f"sync-from-git {after}: {'superseded' if newer else 'not on the branch'}",
+                             markdown="\n".join([f"# sync-from-git: {after}", "", f"Definitions: `{redact(repo)}` branch "
+                                                 f"`{branch}`" + (f", delivery `{delivery}`" if delivery else ""), "",
+                                                 why[0].upper() + why[1:] + ".", "", "Nothing was started."]))
+    return {"after": after, "head": head, "status": "superseded" if newer else "not-on-branch", "reason": why,
+            "runs": [], "plan": None, "dry_run": False}
 
 
 def _would(plan: dict) -> list[str]:

@@ -298,6 +298,8 @@ class Resolver:
             wanted.setdefault(cc.name, []).append(cc.values)
             reasons.setdefault(cc.name, (ckey, ("metadata", "name")))
         for name, ov in spec.overrides.components.items():
+            if name not in wanted and not ov.enabled and name in self.defs.components:
+                continue  # "never here": how the definitions name the removal of a component added imperatively
             if name not in wanted:
                 raise _Fail(*ckey, ("spec", "overrides", "components", name),
                             f"this cluster has no component {name!r} to override; it has {sorted(wanted)}")

@@ -59,7 +59,8 @@ class GitCredentialsBlock(Block):
 
     Tokens: GitHub takes any username with a token (use ``x-access-token`` for an app token),
     GitLab ``oauth2`` or the token's name, Gitea the account name. SSH: the private key, and the
-    host's ``known_hosts`` line (without it, the first key seen is accepted and kept for that one command).
+    host's ``known_hosts`` line(s) (``@cert-authority`` lines work too); without them the worker's own known
+    hosts are used, strictly: an unknown host key is refused, never accepted on first sight.
     """
 
     _block_type_name = "fleetwright Git credentials"

@@ -103,11 +103,81 @@ def test_credentials_come_from_the_block_and_never_show(git_server, defs_repo, g
         load_definitions.fn(DefinitionsSource(repo=url.replace("http://", f"http://fleetwright:{git_server.token}@")))
     defs, _ = load_definitions.fn(DefinitionsSource(repo=url))  # the default block
     assert "edge-lab-01" in defs.clusters
-    # nothing of the credentials is left behind: no askpass script or key directory, no token in the cache
-    leftovers = [p for p in Path("/tmp").glob("fleetwright-git-*")]
-    assert not [p for p in leftovers if p.stat().st_mtime > git_cache.stat().st_mtime - 1], leftovers
-    cached = subprocess.run(["grep", "-r", "-l", git_server.token, str(git_cache)], capture_output=True, text=True)
-    assert cached.stdout == "", f"token found in {cached.stdout}"
+    # nothing of the credentials is left behind: no askpass script or run directory in the process's private
+    # directory, none in the shared temp dir, no token in the cache or anywhere under the private root
+    from backends import private
+
+    assert [p.name for p in private.process_dir().iterdir() if p.name.startswith("git")] == []
+    assert not [p for p in Path("/tmp").glob("fleetwright-git-*") if p.stat().st_mtime > git_cache.stat().st_mtime - 1]
+    for where in (git_cache, private.root()):
+        found = subprocess.run(["grep", "-r", "-l", git_server.token, str(where)], capture_output=True, text=True)
+        assert found.stdout == "", f"token found in {found.stdout}"
+
+
+def _descendants(pid: int) -> set[int]:
+    parent = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                raw = (p / "stat").read_text()
+            except OSError:
+                continue
+            parent[int(p.name)] = int(raw[raw.rfind(")") + 2:].split()[1])
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, pp in parent.items() if pp in frontier} - out
+        out |= frontier
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return raw[raw.rfind(")") + 2:].split()[0] != "Z"
+
+
+def test_a_process_killed_mid_push_leaves_no_git_process_and_no_credentials(git_server, defs_repo, tmp_path):
+    """SIGKILL the process while the server holds its push: git's whole tree dies and the token files go with it."""
+    import os
+    import signal
+    import time
+
+    name, url = defs_repo
+    priv = tmp_path / "private"
+    code = ("import sys; from backends.git import RemoteRepo, GitCredentials; from pydantic import SecretStr;"
+            f"r = RemoteRepo({url!r}, GitCredentials(username='fleetwright', token=SecretStr(sys.stdin.readline().strip())));"
+            "r.fetch(); base = r.resolve('main'); print('fetched', flush=True);"
+            "r.write_back(base, 'main', {'componentsets/k.yaml': 'kind: k\\n'}, message='k', author='alice')")
+    env = dict(os.environ, FLEETWRIGHT_PRIVATE_DIR=str(priv), FLEETWRIGHT_GIT_CACHE=str(tmp_path / "cache"))
+    with git_server.hold_next_push() as hold:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.stdin.write(git_server.token + "\n")
+            proc.stdin.close()
+            assert proc.stdout.readline().strip() == "fetched", proc.stderr.read()
+            hold.wait_held()  # the push is under way, waiting on the server
+            askpass = list(priv.glob("p*/git-*/askpass"))
+            assert len(askpass) == 1, list(priv.rglob("*"))  # the token's script is there while the push runs
+            tree = _descendants(proc.pid)
+            assert len(tree) >= 2, tree  # the watchdog and git (and git-remote-http)
+            proc.kill()
+            proc.wait(30)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and ([p for p in tree if _alive(p)] or askpass[0].exists()):
+                time.sleep(0.2)
+            assert [p for p in tree if _alive(p)] == [], "a git process outlived the process that started it"
+            assert not askpass[0].exists(), "the credentials outlived the killed process"
+            assert [p.name for p in priv.iterdir()] == [], list(priv.rglob("*"))  # its process directory too
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert git_server.head(name) != "" and "componentsets/k.yaml" not in git_server.git(
+        "--git-dir", f"{git_server.section['root']}/{name}.git", "ls-tree", "-r", "--name-only", "main")
+    found = subprocess.run(["grep", "-r", "-l", git_server.token, str(tmp_path)], capture_output=True, text=True)
+    assert found.stdout == "", f"token found in {found.stdout}"
 
 
 def test_two_processes_fetch_one_cache_at_once(git_server, defs_repo, git_cache):

@@ -119,6 +119,44 @@ def test_a_new_cluster_starts_one_create_and_a_team_change_onboards(git_server, 
     assert all_runs(deployments)["rollout-fleet"] == counts["rollout-fleet"]
 
 
+def test_a_late_delivery_of_an_older_commit_rolls_nothing_back(git_server, fleet_repo, deployments):
+    """Pushes A then B; B's sync (A's delivery lost) rolls out both changes; A's late delivery starts nothing."""
+    from flows.sync import sync_from_git
+
+    name, url = fleet_repo
+    base = git_server.head(name)
+    assert sync_from_git(repo=url, after=base, before=base, pusher="alice-gh")["runs"] == []  # the last synced commit
+    metal = (EXAMPLES / "clusters" / "metal.yaml").read_text().replace("model: edge-small@1.0.0", "model: edge-small@1.1.0")
+    model = (EXAMPLES / "models" / "edge-small.yaml").read_text().replace("version: 1.0.0", "version: 1.1.0")
+    a = git_server.commit(name, {"models/edge-small.yaml": model, "clusters/metal.yaml": metal}, "edge-small 1.1.0",
+                          author="alice")
+    b = git_server.commit(name, {"clusters/vsphere.yaml": (
+        "    controlPlaneReplicas: 1\n",
+        "    controlPlaneReplicas: 1\n    components:\n      kube-prometheus: {values: {retention: 1d}}\n")},
+        "shorter retention", author="alice")
+    counts = all_runs(deployments)
+    out = sync_from_git(repo=url, after=b, before=a, pusher="alice-gh")  # the delivery says a..b
+    assert out["before"] == base, "the diff starts at the last synced commit, not at the delivery's before"
+    (run,) = [r for r in runs_of(deployments, "rollout-fleet") if r.idempotency_key == f"{b}:rollout-fleet"]
+    assert sorted(run.parameters["clusters"]) == ["dc1-web-dev", "edge-lab-01", "edge-store-01"]
+    assert all_runs(deployments)["rollout-fleet"] == counts["rollout-fleet"] + 1
+    # A's delivery arrives late (or is replayed): the branch is past it, so nothing starts and nothing rolls back
+    late = sync_from_git(repo=url, after=a, before=base, pusher="alice-gh")
+    assert late["status"] == "superseded" and late["head"] == b and late["runs"] == [], late
+    assert all_runs(deployments)["rollout-fleet"] == counts["rollout-fleet"] + 1
+    # a commit that is not on the branch at all (force-pushed away, or another branch's) rolls nothing out either
+    side = git_server.commit(name, {"NOTES.md": "side\n"}, "side", author="alice", branch="side") \
+        if _branch(git_server, name, "side", base) else None
+    gone = sync_from_git(repo=url, after=side, pusher="alice-gh")
+    assert gone["status"] == "not-on-branch" and gone["runs"] == [], gone
+    assert all_runs(deployments) == {**counts, "rollout-fleet": counts["rollout-fleet"] + 1}
+
+
+def _branch(git_server, name: str, branch: str, at: str) -> bool:
+    git_server.git("--git-dir", f"{git_server.section['root']}/{name}.git", "update-ref", f"refs/heads/{branch}", at)
+    return True
+
+
 def test_a_team_members_push_to_a_protected_component_starts_nothing(git_server, fleet_repo, deployments):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -166,3 +204,29 @@ def test_unknown_repository_is_refused(fleet_repo):
 
     with pytest.raises(PermanentError, match="not this worker's definitions repository"):
         sync_from_git(repo="https://git.example.com/other.git", after="0" * 40)
+
+
+def test_the_poll_syncs_a_push_whose_webhook_was_lost(git_server, fleet_repo, deployments):
+    """The fallback: the branch moved with no webhook; the poll starts one sync-from-git for the new head."""
+    import yaml
+
+    from flows.sync import poll_git
+
+    name, url = fleet_repo
+    first = poll_git(repo=url, actor="alice")
+    assert first == {"status": "baseline", "head": git_server.head(name)}
+    assert poll_git(repo=url, actor="alice")["status"] == "up-to-date"
+    base = git_server.head(name)
+    after = git_server.commit(name, {"NOTES.md": "lost webhook\n"}, "a push whose delivery was lost", author="alice")
+    n = len(runs_of(deployments, "sync-from-git"))
+    out = poll_git(repo=url, actor="alice")
+    assert out["status"] == "started" and out["head"] == after and out["before"] == base
+    again = poll_git(repo=url, actor="alice")  # the sync has not run yet (no worker): the same run, not a second one
+    assert again["run"] == out["run"]
+    runs = runs_of(deployments, "sync-from-git")
+    assert len(runs) == n + 1
+    (run,) = [r for r in runs if str(r.id) == out["run"]]
+    assert run.parameters["after"] == after and run.parameters["before"] == base and run.parameters["pusher"] == "alice"
+    # the product's schedule: every 5 minutes
+    deps = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    assert deps["sync-from-git-poll"]["schedules"][0]["interval"] == 300

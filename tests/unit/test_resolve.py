@@ -144,3 +144,19 @@ def test_extra_components_from_a_flow(example_defs):
     d = Resolver(example_defs).resolve("edge-lab-01", (ModelComponent(name="cert-manager"),))
     assert "cert-manager" in names(d)
     assert d.hash != resolve(example_defs, "edge-lab-01").hash
+
+
+def test_disabling_a_component_a_cluster_does_not_have_names_its_removal(example_files):
+    """``enabled: false`` for a known Component the cluster does not have is allowed (how the definitions name the
+    removal of a component added with write-back off); values for one it does not have, or an unknown name, are not."""
+    import pytest
+
+    from models.errors import SpecInvalid
+
+    old = "  overrides:\n    controlPlaneReplicas: 1\n"
+    off = edit(example_files, "clusters/aws.yaml", old, old + "    components: {external-dns: {enabled: false}}\n")
+    assert "external-dns" not in names(resolve(load(off), "us-web-staging"))
+    for bad in ("{external-dns: {values: {domain: x}}}", "{no-such-thing: {enabled: false}}"):
+        files = edit(example_files, "clusters/aws.yaml", old, old + f"    components: {bad}\n")
+        with pytest.raises(SpecInvalid, match="overrides.components"):
+            resolve(load(files), "us-web-staging")
