@@ -9,6 +9,11 @@ One fleet, four clusters in four zones, all looked at as at 2026-07-01 08:00 UTC
   control-plane upgrade is estimated at 45m                                           -> deferred (would overrun)
 - fw-prod, Europe/London, daily 08:00 for 4h, inside the 'Summer sale' blackout      -> deferred; crosses it only
   with a security override approved by a second person
+
+The rollout goes through the product's deployment and a real process worker; its follow-up run (scheduled at
+New York's opening) is then moved to now and run by the worker: it converges fw-dev and defers the rest again.
+The tests share the fleet and run in file order (the rollout upgrades fw-dev after the sweep and the
+upgrade-cluster tests have used it at 1.20).
 """
 from __future__ import annotations
 
@@ -179,54 +184,6 @@ def test_dry_run_asks_what_would_happen_at_a_time(fleet):
     assert "platform-only-clock" in str(e.value)
 
 
-def test_rollout_converges_open_windows_and_defers_the_rest_with_a_follow_up_run(fleet, worker):
-    """Through the deployment (a real worker): three zones, one converges, the others wait, one follow-up run.
-
-    alice (platform) starts it: an upgrade by parameter names a person, and only a platform member may
-    run a real change with a shifted clock."""
-    from prefect.deployments import run_deployment
-
-    params = {"selector": {"tier": "windowtest"}, "source": {"path": str(fleet["root"])}, "to_version": "1.21", "now": T,
-              "actor": "alice"}
-    before = datetime.now(timezone.utc)
-    fr = run_deployment(name="rollout-fleet/rollout-fleet", parameters=params, timeout=600, poll_interval=2)
-    after = datetime.now(timezone.utc)
-    assert fr.state and fr.state.is_completed(), fr.state
-    assert versions(fleet) == {"fw-canary": "1.21", "fw-dev": "1.20", "fw-stage": "1.20", "fw-prod": "1.20"}
-
-    status = {r["cluster"]: r for r in run_artifact("rollout-fleet-clusters", fr.id)}
-    assert {n: status[n]["status"] for n in ALL} == {"fw-canary": "converged", "fw-dev": "deferred",
-                                                      "fw-stage": "deferred", "fw-prod": "deferred"}
-    deferred = {r["cluster"]: r for r in run_artifact("rollout-fleet-deferred", fr.id)}
-    assert set(deferred) == {"fw-dev", "fw-stage", "fw-prod"}
-    dev = deferred["fw-dev"]
-    assert dev["rule"] == "window" and dev["blocked by"].startswith("outside its maintenance window (FREQ=DAILY at 06:00")
-    assert dev["next window (local)"] == "2026-07-01 06:00–10:00 America/New_York"
-    assert dev["next window (UTC)"] == "2026-07-01 10:00–14:00 UTC"
-    stage = deferred["fw-stage"]  # open, but the step would overrun: not started
-    assert stage["rule"] == "estimate" and stage["step"] == "controlPlane.upgrade"
-    assert stage["blocked by"].startswith("controlPlane.upgrade takes about 45m, but the window closes at "
-                                          "2026-07-01 18:30 Australia/Sydney (in ")  # 30m less the run's time
-    assert stage["next window (local)"] == "2026-07-02 16:30–18:30 Australia/Sydney"
-    prod = deferred["fw-prod"]
-    assert prod["rule"] == "blackout" and prod["blocked by"].startswith(
-        "blackout 'Summer sale' until 2026-07-05 00:00 Europe/London (scope all, from Cluster/fw-prod: peak trading)")
-    assert prod["next window (local)"] == "2026-07-05 08:00–12:00 Europe/London"
-
-    # one follow-up run of the same deployment, at New York's opening (+1 min), in the same shifted clock
-    runs = scheduled_follow_ups(fr.deployment_id)
-    assert len(runs) == 1, runs
-    (nxt,) = runs
-    assert nxt.parameters["now"] == "2026-07-01T10:01:00+00:00"
-    p = nxt.parameters  # the run's own parameters, with their defaults filled in
-    assert (p["selector"], p["to_version"], p["source"]["path"], p["actor"]) == (params["selector"], "1.21",
-                                                                                params["source"]["path"], "alice")
-    lead = timedelta(hours=2, minutes=1)  # 08:00 -> 10:01 on the run's clock, which started between before and after
-    assert before + lead - timedelta(seconds=2) <= nxt.expected_start_time <= after + lead + timedelta(seconds=2)
-
-    assert nxt.idempotency_key.startswith(f"fleetwright-follow-up-{fr.deployment_id}-")  # a retried run adds none
-
-
 def test_sweep_observes_at_any_time_and_repairs_in_the_window(fleet):
     """reconcile-fleet reports fw-dev's drift at 08:00 UTC but leaves the repair for its window.
 
@@ -285,6 +242,84 @@ def test_upgrade_and_add_component_wait_for_the_window(fleet):
     assert add["windows"]["deferred"]["fw-dev"]["step"] == "component.install"
     namespaces = [n.metadata.name for n in k8s.CoreV1Api(kube_client(fleet["endpoints"]["fw-dev"])).list_namespace().items]
     assert "kube-system" in namespaces and "external-dns" not in namespaces
+
+
+def test_rollout_converges_open_windows_and_defers_the_rest_with_a_follow_up_run(fleet, worker):
+    """Through the deployment (a real worker): three zones, one converges, the others wait, one follow-up run.
+
+    alice (platform) starts it: an upgrade by parameter names a person, and only a platform member may
+    run a real change with a shifted clock."""
+    from prefect.deployments import run_deployment
+
+    params = {"selector": {"tier": "windowtest"}, "source": {"path": str(fleet["root"])}, "to_version": "1.21", "now": T,
+              "actor": "alice"}
+    before = datetime.now(timezone.utc)
+    fr = run_deployment(name="rollout-fleet/rollout-fleet", parameters=params, timeout=600, poll_interval=2)
+    after = datetime.now(timezone.utc)
+    assert fr.state and fr.state.is_completed(), fr.state
+    assert versions(fleet) == {"fw-canary": "1.21", "fw-dev": "1.20", "fw-stage": "1.20", "fw-prod": "1.20"}
+
+    status = {r["cluster"]: r for r in run_artifact("rollout-fleet-clusters", fr.id)}
+    assert {n: status[n]["status"] for n in ALL} == {"fw-canary": "converged", "fw-dev": "deferred",
+                                                      "fw-stage": "deferred", "fw-prod": "deferred"}
+    deferred = {r["cluster"]: r for r in run_artifact("rollout-fleet-deferred", fr.id)}
+    assert set(deferred) == {"fw-dev", "fw-stage", "fw-prod"}
+    dev = deferred["fw-dev"]
+    assert dev["rule"] == "window" and dev["blocked by"].startswith("outside its maintenance window (FREQ=DAILY at 06:00")
+    assert dev["next window (local)"] == "2026-07-01 06:00–10:00 America/New_York"
+    assert dev["next window (UTC)"] == "2026-07-01 10:00–14:00 UTC"
+    stage = deferred["fw-stage"]  # open, but the step would overrun: not started
+    assert stage["rule"] == "estimate" and stage["step"] == "controlPlane.upgrade"
+    assert stage["blocked by"].startswith("controlPlane.upgrade takes about 45m, but the window closes at "
+                                          "2026-07-01 18:30 Australia/Sydney (in ")  # 30m less the run's time
+    assert stage["next window (local)"] == "2026-07-02 16:30–18:30 Australia/Sydney"
+    prod = deferred["fw-prod"]
+    assert prod["rule"] == "blackout" and prod["blocked by"].startswith(
+        "blackout 'Summer sale' until 2026-07-05 00:00 Europe/London (scope all, from Cluster/fw-prod: peak trading)")
+    assert prod["next window (local)"] == "2026-07-05 08:00–12:00 Europe/London"
+
+    # one follow-up run of the same deployment, at New York's opening (+1 min), in the same shifted clock
+    runs = scheduled_follow_ups(fr.deployment_id)
+    assert len(runs) == 1, runs
+    (nxt,) = runs
+    assert nxt.parameters["now"] == "2026-07-01T10:01:00+00:00"
+    p = nxt.parameters  # the run's own parameters, with their defaults filled in
+    assert (p["selector"], p["to_version"], p["source"]["path"], p["actor"]) == (params["selector"], "1.21",
+                                                                                params["source"]["path"], "alice")
+    lead = timedelta(hours=2, minutes=1)  # 08:00 -> 10:01 on the run's clock, which started between before and after
+    assert before + lead - timedelta(seconds=2) <= nxt.expected_start_time <= after + lead + timedelta(seconds=2)
+
+    assert nxt.idempotency_key.startswith(f"fleetwright-follow-up-{fr.deployment_id}-")  # a retried run adds none
+
+    # The follow-up, moved from two hours ahead to now (its own clock reads 10:01 UTC): New York's window is open,
+    # so it converges fw-dev; Sydney's has closed and London's blackout still holds: deferred again, one new follow-up.
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    with get_client(sync_client=True) as c:
+        c.set_flow_run_state(nxt.id, Scheduled(scheduled_time=datetime.now(timezone.utc)), force=True)
+    done = _finished_run(nxt.id, time.time() + 600)
+    assert done.state.is_completed(), done.state
+    assert versions(fleet) == {"fw-canary": "1.21", "fw-dev": "1.21", "fw-stage": "1.20", "fw-prod": "1.20"}
+    status = {r["cluster"]: r["status"] for r in run_artifact("rollout-fleet-clusters", nxt.id)}
+    assert status == {"fw-canary": "in-sync", "fw-dev": "converged", "fw-stage": "deferred", "fw-prod": "deferred"}
+    deferred = {r["cluster"]: r for r in run_artifact("rollout-fleet-deferred", nxt.id)}
+    assert deferred["fw-stage"]["rule"] == "window" and deferred["fw-prod"]["rule"] == "blackout"
+    (again,) = scheduled_follow_ups(fr.deployment_id)  # at Sydney's next opening
+    assert again.id != nxt.id and again.parameters["now"] == "2026-07-02T06:31:00+00:00"
+
+
+def _finished_run(run_id, deadline: float):
+    from prefect.client.orchestration import get_client
+
+    fr = None
+    with get_client(sync_client=True) as c:
+        while time.time() < deadline:
+            fr = c.read_flow_run(run_id)
+            if fr.state is not None and fr.state.is_final():
+                return fr
+            time.sleep(2)
+    raise AssertionError(f"flow run {run_id} did not finish in time: {fr.state if fr else None}")
 
 
 def _paused_run(deadline: float):
