@@ -184,14 +184,6 @@ class Observer:
                 workspaces[name] = ObservedWorkspace(hash=ann.get(HASH_ANNOTATION))
         return ObservedCluster(name=desired.name, components=components, workspaces=workspaces)
 
-    @staticmethod
-    def _inventory_annotations(invs: list[dict]) -> dict[str, str]:
-        for inv in invs:
-            ann = inv["metadata"].get("annotations") or {}
-            if HASH_ANNOTATION in ann:
-                return ann
-        return {}
-
     def _observe_set(self, owner: Owner, objs: list[dict], invs: list[dict], need_version: bool = True):
         """(version, hash, drift) of one component or workspace, or None when nothing of it exists."""
         crd_scopes = self._crd_kinds(objs)
