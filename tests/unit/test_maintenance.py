@@ -412,6 +412,11 @@ def test_cli_windows_prints_local_and_utc():
                                  "--days", "1"])
     assert "2026-07-04 01:00–09:00 Europe/Berlin" in r.output and "2026-07-03 23:00–2026-07-04 07:00 UTC" in r.output
     assert CliRunner().invoke(app, ["windows", str(EXAMPLES), "-c", "nope"]).exit_code == 2
+    r = CliRunner().invoke(app, ["windows", str(EXAMPLES), "--from", "2026-12-24", "--days", "3"])  # every cluster
+    heads = [x.split("  (")[0] for x in r.output.splitlines() if not x.startswith(" ")]
+    assert r.exit_code == 0 and heads == sorted(heads) and {"edge-store-01", "dc1-web-prod", "us-web-staging"} <= set(heads)
+    assert "us-web-staging  (no window: may change at any time)" in r.output
+    assert "2026-12-26 01:00–09:00 Europe/Berlin" in r.output and "2026-12-26 00:00–08:00 UTC" in r.output
 
 
 def test_render_shows_the_merged_maintenance(example_files, tmp_path):
