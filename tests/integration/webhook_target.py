@@ -1,8 +1,10 @@
 """A stand-in for the sync-from-git deployment, served by a real Prefect runner in its own process.
 
-Same name and parameters as ``flows/sync.py``'s flow (see /work/notes/contract-git.md); it only
-records what it was asked to sync. Used until the real deployment is on main, and by the benchmark
-(which measures the receiver, not the sync). Run: ``python webhook_target.py DEPLOYMENT_NAME``.
+Same name and parameters as ``flows/sync.py``'s flow; it only records what it was asked to sync. It
+stays for what measures the receiver alone: ``test_webhook.py`` (what starts a run, replays, bursts,
+rotation: deliveries of commits that change no cluster; ``bench/webhook.py`` has a stand-in of its own). The real
+``sync-from-git`` deployment, run by a worker and rolling a push out to a cluster, is proven in
+``test_webhook_sync.py``. Run: ``python webhook_target.py DEPLOYMENT_NAME``.
 """
 from __future__ import annotations
 
