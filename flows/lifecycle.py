@@ -186,6 +186,14 @@ def rollout_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSou
         gate(defs, old, actor, "upgrade" if to_version else "reconcile", flow="rollout-fleet", cluster=n)
     r = Resolver(defs)
     desired = {n: r.resolve(n) for n in names}
+    superseded = []
+    if clusters is not None:  # started by sync-from-git for a push: never roll back what a newer push changed
+        from .sync import superseded_clusters
+
+        stale = superseded_clusters(source, desired)
+        superseded = [Outcome(n, Status.SUPERSEDED, reason=f"changed again by the newer commit {sha}, whose runs roll "
+                              "it out; not rolled back to this run's older commit") for n, sha in sorted(stale.items())]
+        desired = {n: d for n, d in desired.items() if n not in stale}
     step_filter = None
     if to_version:
         desired = {n: d.model_copy(update={"kubernetes_version": to_version, "hash": f"{d.hash}-k8s{to_version}"})
@@ -195,7 +203,8 @@ def rollout_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSou
     win.ask_override(desired)
     outcomes, record = run_waves("rollout-fleet", desired, waves, dry_run=dry_run, defs=defs, actor=actor,
                                  idempotency_key=run_key(idempotency_key), step_filter=step_filter, windows=win)
-    return finish("rollout-fleet", outcomes, dry_run=dry_run, extra_md=waves_markdown(record) + "\n\n" + win.finish()) \
+    return finish("rollout-fleet", outcomes + superseded, dry_run=dry_run,
+                  extra_md=waves_markdown(record) + "\n\n" + win.finish()) \
         | {"waves": record, "windows": win.record()}
 
 

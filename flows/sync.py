@@ -253,6 +253,31 @@ def _stale(git, repo: str, branch: str, after: str, delivery: str) -> Optional[d
             "runs": [], "plan": None, "dry_run": False}
 
 
+def superseded_clusters(source: Optional[DefinitionsSource], desired: dict) -> dict[str, str]:
+    """Clusters a run pinned to an older pushed commit must leave alone: ``{cluster: newer synced commit}``.
+
+    A run ``sync-from-git`` started for commit A may start late, after the sync of a newer push B
+    (which contains A) started its own runs. Rolling a cluster out at A then would roll back what B
+    changed on it; so a cluster whose definition differs between A and the last synced commit (or that
+    B removed) is left to B's runs. A cluster B did not change is the same at A and at B: it goes ahead.
+    """
+    if source is None or not source.remote or not source.branch or not re.fullmatch(r"[0-9a-f]{40}", source.ref):
+        return {}
+    last = last_synced(source.repo, source.branch)
+    if not last or last == source.ref:
+        return {}
+    git = remote_repo(source)
+    if not git.has(last):
+        git.fetch()
+    if not git.has(last) or not git.is_ancestor(source.ref, last):
+        return {}
+    from models.resolve import Resolver
+
+    newer = load(git.read(last, source.subdir))
+    r = Resolver(newer)
+    return {n: last for n, d in desired.items() if n not in newer.clusters or r.resolve(n).hash != d.hash}
+
+
 def _would(plan: dict) -> list[str]:
     out = [f"- create-cluster {c}" for c in plan["create"]]
     if plan["rollout"]:

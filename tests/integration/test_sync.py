@@ -144,6 +144,15 @@ def test_a_late_delivery_of_an_older_commit_rolls_nothing_back(git_server, fleet
     late = sync_from_git(repo=url, after=a, before=base, pusher="alice-gh")
     assert late["status"] == "superseded" and late["head"] == b and late["runs"] == [], late
     assert all_runs(deployments)["rollout-fleet"] == counts["rollout-fleet"] + 1
+    # a rollout an earlier sync of A started, running only now: dc1-web-dev changed again in B, so it is left to
+    # B's rollout (rolling it out at A would undo B's change); the run touches no cluster
+    from flows.lifecycle import rollout_fleet
+    from tasks.definitions import DefinitionsSource
+
+    src_a = DefinitionsSource(repo=url, ref=a, base_ref=base, branch="main")
+    old_run = rollout_fleet(source=src_a, clusters=["dc1-web-dev"], actor="alice", idempotency_key=f"{a}:rollout-fleet")
+    assert [(c["cluster"], c["status"]) for c in old_run["clusters"]] == [("dc1-web-dev", "superseded")], old_run
+    assert b in old_run["clusters"][0]["reason"]
     # a commit that is not on the branch at all (force-pushed away, or another branch's) rolls nothing out either
     side = git_server.commit(name, {"NOTES.md": "side\n"}, "side", author="alice", branch="side") \
         if _branch(git_server, name, "side", base) else None
