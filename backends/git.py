@@ -140,8 +140,8 @@ def _run_network(args: list[str], env: dict) -> subprocess.CompletedProcess:
     exe = shutil.which("git", path=env.get("PATH"))
     if exe is None:
         raise PermanentError("git is not installed")
-    run_dir = env.pop("FW_GIT_RUN_DIR")
-    env = dict(env, FW_REAPER_PARENT=str(os.getpid()), FW_REAPER_RUN_DIR=run_dir,
+    run_dir = env["FW_GIT_RUN_DIR"]
+    env = dict({k: v for k, v in env.items() if k != "FW_GIT_RUN_DIR"}, FW_REAPER_PARENT=str(os.getpid()), FW_REAPER_RUN_DIR=run_dir,
                FW_REAPER_PROCESS_DIR=str(Path(run_dir).parent), FW_REAPER_EXEC=exe)
     return subprocess.run([sys.executable, "-I", str(REAPER), *args], env=env, capture_output=True, check=False)
 
