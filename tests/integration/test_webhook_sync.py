@@ -110,6 +110,9 @@ def e2e(tmp_path_factory, testenv_config, kube_factory, prefect_api, _aws_sessio
         yield {"url": url, "name": name, "endpoint": endpoint, "rx": rx, "worker_log": wlog}
     finally:
         rx.stop()
+        # a flow run reports its final state before its process has exited: let those processes end on their own
+        # (a stopped one would leave its private directory to the next process's sweep)
+        wait_for(lambda: not _descendants(worker.pid), 120, "the worker's flow-run processes to exit", every=1)
         os.killpg(worker.pid, signal.SIGTERM)
         try:
             worker.wait(20)
@@ -122,6 +125,24 @@ def e2e(tmp_path_factory, testenv_config, kube_factory, prefect_api, _aws_sessio
             else:
                 os.environ[k] = v
         connections.cache_clear()
+
+
+def _descendants(pid: int) -> set[int]:
+    parent = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                raw = (p / "stat").read_text()
+            except OSError:
+                continue
+            fields = raw[raw.rfind(")") + 2:].split()
+            if fields[0] != "Z":
+                parent[int(p.name)] = int(fields[1])
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, pp in parent.items() if pp in frontier} - out
+        out |= frontier
+    return out
 
 
 def final(run_id, timeout: float, what: str):
