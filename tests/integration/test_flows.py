@@ -383,3 +383,31 @@ def test_idempotency_key_skips_finished_steps(aws_fleet):
     assert again.name == "Cached" and size() == 3  # skipped as done under this key
     fresh = apply_step(desired, step, key + "-new", return_state=True)
     assert fresh.is_completed() and fresh.name != "Cached" and size() == 1
+
+
+def test_force_decommission_of_a_cluster_whose_api_is_dead(aws_fleet):
+    """fw-dev's Kubernetes API is dead: decommission fails in its in-cluster phase and deletes nothing;
+    with force the in-cluster phase is skipped and the cluster, its node group and its VPC are gone."""
+    from flows.lifecycle import decommission_cluster
+    from testenv import kube
+
+    api = eks(aws_fleet["aws"])
+    ec2 = __import__("boto3").client("ec2", endpoint_url=aws_fleet["aws"]["endpoint_url"], region_name="eu-west-1",
+                                     aws_access_key_id="testing", aws_secret_access_key="testing")
+    tag = [{"Name": "tag:fleetwright.io/cluster", "Values": ["fw-dev"]}]
+    assert "fw-dev" in api.list_clusters()["clusters"] and len(ec2.describe_vpcs(Filters=tag)["Vpcs"]) == 1
+    kube.stop_control_plane(aws_fleet["testenv_config"], aws_fleet["cp_names"]["fw-dev"])
+    try:
+        state = decommission_cluster(cluster="fw-dev", confirm="fw-dev", source=src(aws_fleet), actor="alice",
+                                     return_state=True)
+        assert state.is_failed(), state
+        assert "fw-dev" in api.list_clusters()["clusters"]  # nothing deleted: the infrastructure phase never began
+        assert api.list_nodegroups(clusterName="fw-dev")["nodegroups"] == ["workers"]
+        out = decommission_cluster(cluster="fw-dev", confirm="fw-dev", source=src(aws_fleet), actor="alice", force=True)
+    finally:
+        kube.start_control_plane(aws_fleet["testenv_config"], aws_fleet["cp_names"]["fw-dev"])
+    (c,) = out["clusters"]
+    assert c["status"] == "converged", c
+    assert {"step": "in-cluster", "changed": False, "detail": "skipped (force): the API is not used"} in c["done"], c["done"]
+    assert "fw-dev" not in api.list_clusters()["clusters"]
+    assert ec2.describe_vpcs(Filters=tag)["Vpcs"] == []
