@@ -141,8 +141,10 @@ def inventory(hosts: list[Machine], desired: DesiredCluster, connections: Connec
         "kube_controller_manager_bin": bins.get("kube-controller-manager", "/usr/local/bin/kube-controller-manager"),
         "etcd_bin": bins.get("etcd", "/usr/local/bin/etcd"),
     }
-    if ssh.supervisor:
+    if ssh.supervisor:  # the test-only fork (playbooks/group_vars/all.yml fw_mode); else the kubeadm path
         all_vars["supervisor"] = ssh.supervisor
+    else:
+        all_vars["fw_kube"] = connections.kubernetes.model_dump()
 
     def host_vars(m: Machine) -> dict[str, Any]:
         return {"ansible_host": m.address, "fw_role": m.role, "fw_node_name": m.name, "fw_pool": m.pool or "",

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 
@@ -60,6 +62,31 @@ class SshConnection(_Cfg):
     supervisor: str | None = None  # the test environment's process supervisor on hosts without systemd
 
 
+class KubeNodeSettings(_Cfg):
+    """How the playbooks install Kubernetes on metal hosts and vSphere VMs (the kubeadm path): a site
+    setting, the same for every cluster of the site. ``source="artefacts"`` is the air-gapped mode
+    (as Kubespray's offline mode): kubelet/kubeadm/kubectl/crictl from
+    ``<artefacts_url>/kubernetes/<version>/`` (checked against its ``SHA256SUMS``) and, with
+    ``preload_images``, the images from ``<artefacts_url>/images/<version>/*.tar``; otherwise the
+    kubelet/kubeadm/kubectl packages (``apt_repository``) and images pulled from ``image_repository``."""
+
+    source: Literal["packages", "artefacts"] = "packages"
+    artefacts_url: str = ""
+    preload_images: bool = False
+    image_repository: str = "k8s.gcr.io"
+    versions: dict[str, str] = {}  # Kubernetes minor -> exact version, e.g. {"1.20": "v1.20.2"}
+    apt_repository: str = ""
+    skip_phases: list[str] = []  # kubeadm init phases to skip, e.g. addon/coredns where CoreDNS cannot be had
+    ignore_preflight_errors: list[str] = []
+    pod_subnet: str = "10.244.0.0/16"
+    service_subnet: str = "10.96.0.0/12"
+    control_plane_endpoint: str = ""  # host[:port] (a VIP or DNS name); default: the first control-plane host
+    cert_sans: list[str] = []
+    cgroup_driver: Literal["cgroupfs", "systemd"] = "cgroupfs"
+    conntrack_max_per_core: int | None = None  # kube-proxy; 0 leaves the kernel's conntrack size alone
+    token_ttl: str = "15m"
+
+
 class Connections(_Cfg):
     aws: AwsConnection = AwsConnection()
     # Named AWS credentials a Cluster can choose with ``backend.credentials`` (other accounts).
@@ -67,6 +94,7 @@ class Connections(_Cfg):
     vsphere: VsphereConnection | None = None
     ssh: SshConnection | None = None
     kube_binaries: dict[str, str] = {}  # kube-apiserver, kube-controller-manager, etcd paths on the hosts
+    kubernetes: KubeNodeSettings = KubeNodeSettings()  # the kubeadm path's install settings
     # Test environment only: moto's EKS reports endpoints that do not exist, so each EKS cluster is
     # mapped to a local kube-apiserver here. Empty in production.
     testenv_eks_endpoints: dict[str, KubeEndpoint] = {}

@@ -19,6 +19,7 @@ Hosts are found by the spec (``backend.hosts``) and recognised as ours by the ow
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import ssl
 import urllib.error
@@ -29,7 +30,7 @@ from models.desired import DesiredCluster, Machine, ObservedCluster, ObservedNod
 from models.errors import FleetwrightError, OwnershipConflict, PermanentError
 from models.plan import Step
 
-from . import ansible
+from . import ansible, private
 from .base import KubeAccess, StepResult, api_call
 from .connections import Connections
 
@@ -46,6 +47,26 @@ def api_ready(endpoint: str, ca_pem: str | None, timeout: float = 3.0) -> bool:
             return r.status == 200 and r.read().decode().strip() == "ok"
     except (OSError, urllib.error.URLError, ssl.SSLError, ValueError):
         return False
+
+
+def _admin_conf_access(cluster: str, text: str) -> KubeAccess:
+    """KubeAccess from a kubeadm admin.conf: the client certificate and key go to private files
+    (``backends/private.py``, 0600, removed with the process), never to a log."""
+    import yaml
+
+    try:
+        conf = yaml.safe_load(text)
+        server = conf["clusters"][0]["cluster"]["server"]
+        ca = conf["clusters"][0]["cluster"]["certificate-authority-data"]
+        user = conf["users"][0]["user"]
+        cert, key = base64.b64decode(user["client-certificate-data"]), base64.b64decode(user["client-key-data"])
+    except (ValueError, KeyError, IndexError, TypeError, yaml.YAMLError) as e:
+        raise PermanentError(f"cluster {cluster}: admin.conf of its control plane is not a kubeconfig with client "
+                             f"certificate data ({type(e).__name__})") from None
+    tag = hashlib.sha256(cert).hexdigest()[:12]
+    cert_file = private.write_secret(f"kube-{cluster}-{tag}.crt", cert.decode())
+    key_file = private.write_secret(f"kube-{cluster}-{tag}.key", key.decode())
+    return KubeAccess(server=server, ca_data=ca, client_cert_file=str(cert_file), client_key_file=str(key_file))
 
 
 class HostsCluster:
@@ -192,6 +213,8 @@ class HostsCluster:
         r = ansible.run("access.yml", self.hosts(desired), desired, self.connections, log=self.log, lock=False,
                         fetch=True, timeout=120)
         files = r.outputs.get("__fetched__") or {}
+        if "admin.conf" in files:  # the kubeadm path
+            return _admin_conf_access(desired.name, files["admin.conf"])
         if "admin.token" not in files or "ca.crt" not in files:
             raise PermanentError(f"cluster {desired.name}: no credentials on {cps[0].name}; is the control plane made?")
         return KubeAccess(server=f"https://{cps[0].address}:6443", token=files["admin.token"].strip(),

@@ -9,6 +9,8 @@ Parts (each a module with ``up(cfg) -> dict``, ``down(cfg)``, ``status(cfg) -> d
 * ``hosts``   -- ``testenv.hosts``: SSH hosts on loopback aliases
 * ``postgres`` -- ``testenv.postgres``: PostgreSQL for the Prefect server of the production topology
 * ``git``     -- ``testenv.git``: a Git server (git http-backend over HTTP, token auth)
+* ``machines`` -- ``testenv.machines``: systemd-nspawn machines on a private bridge (kubeadm path);
+  only when asked for (not in a plain ``up``)
 
 :func:`up` / :func:`down` / :func:`status` orchestrate them; ``fleetwright testenv`` is the CLI.
 """
@@ -21,11 +23,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable
 
-from testenv.common import PARTS, Config, progress, read_pid, stop_process
+from testenv.common import DEFAULT_PARTS, PARTS, Config, progress, read_pid, stop_process
 
 PART_MODULES = {"kube": "testenv.kube", "vsphere": "testenv.vcsim", "aws": "testenv.aws", "hosts": "testenv.hosts",
                 "postgres": "testenv.postgres",
-                "git": "testenv.git"}
+                "git": "testenv.git", "machines": "testenv.machines"}
 
 
 class PartUnavailable(RuntimeError):
@@ -48,7 +50,7 @@ def load_part(part: str) -> ModuleType:
 
 def parse_only(only: str | Iterable[str] | None) -> tuple[str, ...]:
     if not only:
-        return PARTS
+        return DEFAULT_PARTS
     items = [p.strip() for p in (only.split(",") if isinstance(only, str) else only) if p.strip()]
     bad = [p for p in items if p not in PARTS]
     if bad:
@@ -89,14 +91,14 @@ def up_part(cfg: Config, part: str) -> dict[str, Any]:
 
 
 def up(cfg: Config, strict: bool | None = None) -> dict[str, Any]:
-    """Start the parts in ``cfg.only`` (in the order kube, vsphere, aws, hosts).
+    """Start the parts in ``cfg.only`` (in the order of ``PARTS``).
 
     A part whose module does not exist is reported in the document as
     ``{"available": false, "error": ...}`` unless ``strict`` (default: when ``cfg.only`` names
     parts explicitly), in which case it raises. Any other failure raises.
     """
     if strict is None:
-        strict = tuple(cfg.only) != PARTS
+        strict = tuple(cfg.only) != DEFAULT_PARTS
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     doc = {**read_env(cfg), **_base_doc(cfg)}
     _prebuild(cfg)

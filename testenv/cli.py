@@ -30,7 +30,10 @@ def _fail(e: BaseException) -> None:
 def up(
     kube_clusters: int = typer.Option(1, "--kube-clusters", min=0, help="control planes to start (mgmt, workload-1, ...)"),
     hosts: int = typer.Option(2, "--hosts", min=0, help="SSH hosts to start"),
-    only: Optional[str] = typer.Option(None, "--only", help="comma-separated parts: kube,vsphere,aws,hosts,postgres,git"),
+    only: Optional[str] = typer.Option(None, "--only",
+                                       help="comma-separated parts: kube,vsphere,aws,hosts,postgres,git,machines"),
+    machines: Optional[int] = typer.Option(None, "--machines", min=0,
+                                           help="boot machines m1..mN (10.250.0.11...); implies the machines part"),
     vsphere_method_delay: Optional[str] = typer.Option(
         None, "--vsphere-method-delay", help="vcsim start-up delays, e.g. CloneVM_Task:500,PowerOnVM_Task:200"),
 ) -> None:
@@ -38,6 +41,10 @@ def up(
     try:
         parts = testenv.parse_only(only)
         options: dict[str, Any] = {}
+        if machines is not None:
+            options["machines"] = {"count": machines}
+            if "machines" not in parts:
+                parts = (*parts, "machines")
         if vsphere_method_delay:
             options["vsphere"] = {"method_delay": vsphere_method_delay}
         cfg = Config(kube_clusters=kube_clusters or 1, hosts=hosts, only=parts, options=options)

@@ -36,7 +36,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
-PARTS = ("kube", "vsphere", "aws", "hosts", "postgres", "git")
+PARTS = ("kube", "vsphere", "aws", "hosts", "postgres", "git", "machines")
+# what a plain ``up`` starts: the machines part (nspawn machines, a 13-minute build and a debootstrap
+# the first time) only when asked for (``--only machines`` / ``--machines N``); ``down`` stops all
+DEFAULT_PARTS = tuple(p for p in PARTS if p != "machines")
 _T0 = time.monotonic()
 
 
@@ -59,7 +62,7 @@ class Config:
     cache_dir: Path = dataclasses.field(default_factory=cache_dir)
     kube_clusters: int = 1
     hosts: int = 2
-    only: tuple[str, ...] = PARTS
+    only: tuple[str, ...] = DEFAULT_PARTS
     # free-form per-part options, e.g. {"vsphere": {"method_delay": "CloneVM_Task:500"}}
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -47,6 +47,10 @@ from testenv.common import (
 )
 
 KUBE_VERSION = "v1.20.2"
+# the same source relinked with this version stamped, for upgrade tests (same code, new label)
+UPGRADE_VERSION = "v1.21.0"
+NODE_BINARIES = ("kubelet", "kubeadm", "kubectl", "kube-scheduler", "kube-proxy", "kube-apiserver",
+                 "kube-controller-manager")
 KUBE_COMMIT = "faecb196815e248d3ecfb03c680a4507229c2a56"
 DEB_SOURCE = "kubernetes=1.20.5+really1.20.2-1.1+deb12u1"
 ORIG_TARBALL = "kubernetes_1.20.5+really1.20.2.orig.tar.gz"
@@ -60,8 +64,8 @@ NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$")
 # --------------------------------------------------------------------------- build
 
 
-def kube_bin_dir(cfg: Config) -> Path:
-    return cfg.cache_dir / f"kube-{KUBE_VERSION}" / "bin"
+def kube_bin_dir(cfg: Config, version: str = KUBE_VERSION) -> Path:
+    return cfg.cache_dir / f"kube-{version}" / "bin"
 
 
 def binaries(cfg: Config) -> dict[str, str]:
@@ -73,29 +77,69 @@ def binaries(cfg: Config) -> dict[str, str]:
     }
 
 
+def node_binaries(cfg: Config, version: str = KUBE_VERSION) -> dict[str, str]:
+    """The 7 static binaries of one version (and, for KUBE_VERSION, ``crictl``) for the machines part."""
+    b = kube_bin_dir(cfg, version)
+    names = NODE_BINARIES + (("crictl",) if version == KUBE_VERSION else ())
+    return {n: str(b / n) for n in names}
+
+
 def _built(cfg: Config) -> bool:
     b = kube_bin_dir(cfg)
     return all(os.access(b / n, os.X_OK) for n in ("kube-apiserver", "kube-controller-manager"))
 
 
-def build(cfg: Config) -> dict[str, str]:
-    """Build kube-apiserver + kube-controller-manager once (about 7 minutes on 2 cores), cached.
+def full_built(cfg: Config) -> bool:
+    """All node binaries of both versions (what the machines part needs) are in the cache."""
+    return all(os.access(p, os.X_OK) for v in (KUBE_VERSION, UPGRADE_VERSION) for p in node_binaries(cfg, v).values())
 
-    A lock file serialises concurrent callers: the second waits and then finds the binaries.
+
+def _version_file(work: Path, version: str) -> Path:
+    """kube's hack/lib/version.sh ignores KUBE_GIT_VERSION in a ``git archive`` tree (Debian's orig
+    tarball hard-codes v1.20.2) but honours KUBE_GIT_VERSION_FILE: the way to stamp v1.21.0."""
+    major, minor = version.lstrip("v").split(".")[:2]
+    f = work / f"version-{version}.env"
+    f.write_text(f"KUBE_GIT_COMMIT='{KUBE_COMMIT}'\nKUBE_GIT_TREE_STATE='clean'\nKUBE_GIT_VERSION='{version}'\n"
+                 f"KUBE_GIT_MAJOR='{major}'\nKUBE_GIT_MINOR='{minor}'\n")
+    return f
+
+
+def _install_bins(src: Path, dest: Path, names: tuple[str, ...]) -> None:
+    """Copy into the cache file by file (temp name + rename): running processes keep their inode and a
+    concurrent start never sees a half-written binary."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        tmp = dest / f".{n}.tmp"
+        shutil.copy2(src / n, tmp)
+        os.replace(tmp, dest / n)
+
+
+def build(cfg: Config, full: bool = False) -> dict[str, str]:
+    """Build Kubernetes from Debian's source package once, cached.
+
+    One build makes everything both parts need: the 7 static node binaries (kubelet, kubeadm,
+    kubectl, kube-scheduler, kube-proxy, kube-apiserver, kube-controller-manager) plus ``crictl``
+    (``testenv/crictl-lite``, a stand-in: Debian has no cri-tools) for KUBE_VERSION, then the same
+    source relinked with the version stamped UPGRADE_VERSION (the Go cache makes that a relink).
+    The kube part needs only the apiserver and controller manager (``full=False``: an older cache
+    holding just those two is enough); the machines part asks for ``full=True``.
+    About 13 minutes cold on 2 cores. A lock file serialises concurrent callers: the second waits
+    and then finds the binaries.
     """
     apt_install(BUILD_APT)
-    if _built(cfg):
+    done = full_built if full else _built
+    if done(cfg):
         return binaries(cfg)
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(cfg.cache_dir / f"kube-{KUBE_VERSION}.build.lock", "kube build"):
-        if _built(cfg):
+        if done(cfg):
             return binaries(cfg)
         t0 = time.monotonic()
         work = cfg.cache_dir / f"kube-{KUBE_VERSION}-build"
         log = cfg.cache_dir / f"kube-{KUBE_VERSION}-build.log"
         log.write_text("")
-        progress(f"building kube-apiserver/kube-controller-manager {KUBE_VERSION} from Debian's source "
-                 f"package (first time only, about 7 min; log: {log})")
+        progress(f"building Kubernetes {KUBE_VERSION} ({len(NODE_BINARIES)} binaries + crictl) and its "
+                 f"{UPGRADE_VERSION} relabel from Debian's source package (first time only, about 13 min; log: {log})")
         aptd = work / "apt"
         for d in ("lists/partial", "cache/archives/partial", "parts"):
             (aptd / d).mkdir(parents=True, exist_ok=True)
@@ -123,36 +167,36 @@ def build(cfg: Config) -> dict[str, str]:
         vendored = tree / "vendor/github.com/modern-go/reflect2"
         shutil.rmtree(vendored)
         shutil.copytree("/usr/share/gocode/src/github.com/modern-go/reflect2", vendored)
+        # crictl stand-in, compiled inside the tree so it uses the vendored CRI client
+        (tree / "cmd/crictl").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(__file__).with_name("crictl-lite.go"), tree / "cmd/crictl/main.go")
         env = dict(os.environ, HOME=str(work / "home"), GOFLAGS="", GOPROXY="off", GOCACHE=str(work / "gocache"),
-                   CGO_ENABLED="0", KUBE_GIT_VERSION=KUBE_VERSION, KUBE_GIT_TREE_STATE="archive",
+                   CGO_ENABLED="0", KUBE_STATIC_OVERRIDES="kubelet", KUBE_GIT_TREE_STATE="clean",
                    KUBE_GIT_COMMIT=KUBE_COMMIT)
         env.pop("GOPATH", None)
-        progress("  compiling (go build; progress dots every 30 s)")
-        with open(log, "ab") as out:
-            p = subprocess.Popen(["make", "WHAT=cmd/kube-apiserver cmd/kube-controller-manager"], cwd=tree,
-                                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            while True:
-                try:
-                    rc = p.wait(timeout=30)
-                    break
-                except subprocess.TimeoutExpired:
-                    progress(f"  ... still compiling ({time.monotonic() - t0:.0f}s)")
-        if rc != 0:
-            raise RuntimeError(f"kube build failed (rc={rc}); see {log}:\n{tail(log)}")
-        b = kube_bin_dir(cfg)
-        tmp = b.with_name("bin.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for n in ("kube-apiserver", "kube-controller-manager"):
-            shutil.copy2(tree / "_output/bin" / n, tmp / n)
-        shutil.rmtree(b, ignore_errors=True)
-        os.replace(tmp, b)
-        # keep the downloaded source package, drop the big tree and Go cache
+        what = "WHAT=" + " ".join(f"cmd/{n}" for n in NODE_BINARIES + ("crictl",))
+        for version in (KUBE_VERSION, UPGRADE_VERSION):
+            progress(f"  compiling {version} (go build; progress dots every 30 s)")
+            env.update(KUBE_GIT_VERSION=version, KUBE_GIT_VERSION_FILE=str(_version_file(work, version)))
+            with open(log, "ab") as out:
+                p = subprocess.Popen(["make", what], cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+                while True:
+                    try:
+                        rc = p.wait(timeout=30)
+                        break
+                    except subprocess.TimeoutExpired:
+                        progress(f"  ... still compiling ({time.monotonic() - t0:.0f}s)")
+            if rc != 0:
+                raise RuntimeError(f"kube build failed (rc={rc}); see {log}:\n{tail(log)}")
+            names = NODE_BINARIES + (("crictl",) if version == KUBE_VERSION else ())
+            _install_bins(tree / "_output/bin", kube_bin_dir(cfg, version), names)
+            progress(f"  {version} built ({time.monotonic() - t0:.0f}s) -> {kube_bin_dir(cfg, version)}")
+        # keep the downloaded source package, drop the big tree and Go cache (1.7 GB)
         shutil.rmtree(tree, ignore_errors=True)
         shutil.rmtree(work / "gocache", ignore_errors=True)
-        progress(f"built kube {KUBE_VERSION} in {time.monotonic() - t0:.0f}s -> {b}")
+        progress(f"built kube {KUBE_VERSION} + {UPGRADE_VERSION} in {time.monotonic() - t0:.0f}s")
     return binaries(cfg)
-
 
 
 # --------------------------------------------------------------------------- helpers

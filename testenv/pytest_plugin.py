@@ -18,6 +18,9 @@ Fixtures
                     cluster, datastore, network, folder, template, ...).
 ``aws_env``         the aws section; function scoped: moto is reset before each test.
 ``ssh_hosts``       the hosts section from ``testenv.hosts``.
+``machines_env``    the machines section from ``testenv.machines`` (bridge, artefacts_url, keys); boot
+                    machines with ``testenv.machines.ensure_machine`` and stop them after the test
+                    (runs that boot machines hold ``/tmp/fw-onprem.lock``).
 ``postgres_env``    the postgres section from ``testenv.postgres`` (host, port, user, password, url).
 ``git_server``      a :class:`testenv.git.GitServer`: ``url``, ``user``, ``token``, ``create(name, seed)``
                     -> clone URL of a fresh bare repository, ``commit(name, edits, message, author)``,
@@ -251,3 +254,8 @@ def env_json(cfg: Config) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def postgres_env(_testenv: _Env) -> dict[str, Any]:
     return dict(_testenv.ensure("postgres"))
+
+
+@pytest.fixture(scope="session")
+def machines_env(_testenv: _Env) -> dict[str, Any]:
+    return dict(_testenv.ensure("machines"))
