@@ -14,7 +14,8 @@ ONPREM=(tests/integration/test_demo.py tests/integration/test_backend_metal.py t
         tests/integration/test_vsphere_fleet_onprem.py tests/integration/test_flows_onprem.py
         tests/integration/test_crash_onprem.py tests/integration/test_git_ssh_onprem.py
         tests/integration/test_testenv_hosts.py tests/integration/test_testenv_vsphere.py
-        tests/integration/test_testenv_lifecycle.py)
+        tests/integration/test_testenv_lifecycle.py
+        tests/integration/test_testenv_machines.py tests/integration/test_metal_kubeadm.py)
 ignore=(); for m in "${ONPREM[@]}"; do ignore+=(--ignore="$m"); done
 # the heavy tests (long kill tests, dead workers) run with FLEETWRIGHT_TEST_HEAVY=1 (make test-heavy)
 if [ -z "${FLEETWRIGHT_TEST_HEAVY:-}" ]; then set -- -m "not heavy" "$@"; fi

@@ -33,6 +33,20 @@ def test_inventory_groups_and_vars_from_the_cluster_spec(example_defs):
     assert v["kube_apiserver_bin"] == "/b/kube-apiserver" and v["kube_controller_manager_bin"] == "/b/kcm"
 
 
+def test_kubeadm_path_inventory_carries_the_site_settings_and_no_supervisor(example_defs):
+    from backends.connections import KubeNodeSettings
+
+    d = resolve(example_defs, "edge-lab-01")
+    conn = Connections(ssh=SshConnection(private_key_file="/keys/id"),
+                       kubernetes=KubeNodeSettings(source="artefacts", artefacts_url="http://files.example:8080",
+                                                   versions={"1.20": "v1.20.2"}))
+    v = ansible.inventory(list(d.machines), d, conn)["all"]["vars"]
+    assert "supervisor" not in v  # playbooks/group_vars/all.yml: fw_mode is kubeadm
+    assert v["fw_kube"]["source"] == "artefacts" and v["fw_kube"]["versions"] == {"1.20": "v1.20.2"}
+    assert v["fw_kube"]["pod_subnet"] == "10.244.0.0/16" and v["fw_kube"]["token_ttl"] == "15m"
+    assert "fw_kube" not in ansible.inventory(list(d.machines), d, CONN)["all"]["vars"]
+
+
 def test_metal_inventory_lists_spare_hosts_for_scale_down(example_defs):
     d = resolve(example_defs, "edge-lab-01")
     assert [m.name for m in MetalBackend(CONN).hosts(d)] == ["lab01-a", "lab01-b"]
