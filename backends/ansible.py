@@ -191,7 +191,7 @@ def _message(res: dict[str, Any]) -> str:
         return "(output hidden: no_log)"
     parts = [str(res.get("msg") or "")]
     for k in ("stderr", "stdout"):
-        if res.get(k) and not parts[0]:
+        if res.get(k) and (not parts[0] or parts[0] == "non-zero return code"):
             parts.append(str(res[k])[-400:])
     if res.get("results"):  # a loop: the failed items
         parts += [_message(r) for r in res["results"] if isinstance(r, dict) and r.get("failed")]

@@ -638,9 +638,11 @@ def ensure_machine(cfg: Config | None, name: str, address: str | None = None, fr
     with file_lock(cfg.path("machines.lock"), "machines"):
         with locked_state(cfg) as st:
             sec = st.setdefault("machines", {"machines": []})
+            # a stopped machine gives its address up (its rootfs stays until remove_machine or down)
+            sec["machines"] = [m for m in sec["machines"] if m["name"] == name or read_pid(_proc(m["name"]), cfg)]
             clash = [m for m in sec["machines"] if (m["address"] == address) != (m["name"] == name)]
             if clash:
-                raise ValueError(f"machine {name} at {address} clashes with {clash[0]}")
+                raise ValueError(f"machine {name} at {address} clashes with running machine {clash[0]}")
         if fresh:
             _stop(cfg, name)
             shutil.rmtree(_mdir(cfg, name), ignore_errors=True)

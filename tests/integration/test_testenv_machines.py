@@ -66,7 +66,7 @@ def test_machines_boot_reach_each_other_and_stop_clean(machines_env, testenv_con
             machines.ensure_machine(cfg, "m9", names["m1"])
     finally:
         for n in names:
-            machines.stop_machine(cfg, n)
+            machines.remove_machine(cfg, n)
     for n in names:
         assert machines.machine_processes(n) == []
         assert _nspawn_pids(str(Path(cfg.state_dir) / "machines" / "m" / n)) == []
