@@ -37,7 +37,7 @@ Section of the environment document::
 Python API: ``ensure_machine(cfg, name, address=None, fresh=False)``, ``stop_machine``,
 ``start_machine`` (same rootfs), ``remove_machine``, ``machine_processes``, ``ssh``,
 ``machine_address(i)``. Machine addresses are fixed: runs that boot machines hold
-``/tmp/fw-onprem.lock`` like every on-prem test. Memory: ~105 MB idle, ~840 MB as a
+``/tmp/fw-machines.lock`` like every on-prem test. Memory: ~105 MB idle, ~840 MB as a
 control-plane node, ~300 MB as a worker.
 """
 from __future__ import annotations
@@ -655,7 +655,7 @@ def ensure_machine(cfg: Config | None, name: str, address: str | None = None, fr
         if read_pid(_proc(name), cfg) is None:
             if _port_open(address, 22):
                 raise RuntimeError(f"{address}:22 already answers: a machine of another state dir? "
-                                   "(machine runs hold /tmp/fw-onprem.lock)")
+                                   "(machine runs hold /tmp/fw-machines.lock)")
             start_process(_proc(name), [sys.executable, "-m", "testenv.machines", "boot", name, str(rootfs)],
                           log=_mdir(cfg, name) / "console.log", cfg=cfg)
         wait_for(lambda: _ssh_banner(address), timeout, f"sshd of machine {name} ({address})", interval=0.3)

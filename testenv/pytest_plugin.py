@@ -20,7 +20,7 @@ Fixtures
 ``ssh_hosts``       the hosts section from ``testenv.hosts``.
 ``machines_env``    the machines section from ``testenv.machines`` (bridge, artefacts_url, keys); boot
                     machines with ``testenv.machines.ensure_machine`` and stop them after the test
-                    (runs that boot machines hold ``/tmp/fw-onprem.lock``).
+                    (runs that boot machines hold ``/tmp/fw-machines.lock``).
 ``postgres_env``    the postgres section from ``testenv.postgres`` (host, port, user, password, url).
 ``git_server``      a :class:`testenv.git.GitServer`: ``url``, ``user``, ``token``, ``create(name, seed)``
                     -> clone URL of a fresh bare repository, ``commit(name, edits, message, author)``,

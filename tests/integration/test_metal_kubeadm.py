@@ -7,7 +7,7 @@ checks what a platform engineer would: every node Ready at the expected kubelet 
 control-plane Pods Running, a Pod of a team running on a worker, and a re-run that changes nothing.
 
 Fixed machine addresses (10.250.0.11-13): in tests/run.sh's ONPREM list; by hand, hold
-/tmp/fw-onprem.lock. The machines are stopped at the end of the module.
+/tmp/fw-machines.lock. The machines are stopped at the end of the module.
 """
 from __future__ import annotations
 
@@ -133,8 +133,7 @@ def test_create_metal_cluster_with_kubeadm_then_rerun_changes_nothing(metal):
     assert "node-role.kubernetes.io/worker" in nodes["mk-w2"].metadata.labels
     # the control plane really runs as static Pods under the kubelet, etcd with TLS
     pods = core.list_namespaced_pod("kube-system").items
-    running = {p.metadata.name.rsplit("-", 1)[0] if p.metadata.name.endswith("-mk-cp") else p.metadata.name: p.status.phase
-               for p in pods}
+    running = {p.metadata.name.removesuffix("-mk-cp"): p.status.phase for p in pods}
     for comp in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"):
         assert running.get(comp) == "Running", (comp, running)
     etcd = next(p for p in pods if p.metadata.name.startswith("etcd-"))

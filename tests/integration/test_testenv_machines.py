@@ -1,7 +1,7 @@
 """The test environment's machines: systemd-nspawn hosts on a private bridge, reached over SSH.
 
 Machines have fixed addresses (10.250.0.11...): this module is in tests/run.sh's ONPREM list, and a
-run by hand holds /tmp/fw-onprem.lock. Every test stops the machines it booted.
+run by hand holds /tmp/fw-machines.lock. Every test stops the machines it booted.
 """
 from __future__ import annotations
 
