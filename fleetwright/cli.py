@@ -319,18 +319,23 @@ def webhook_serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = t
 def webhook_post_receive(url: str = typer.Option(..., "--url", help="The receiver, e.g. https://hooks.example.com"),
                          repo_url: str = typer.Option(..., "--repo-url", help="This repository's clone URL"),
                          secret_env: str = typer.Option("FLEETWRIGHT_WEBHOOK_SECRET", "--secret-env",
-                                                        help="The environment variable holding the secret")) -> None:
+                                                        help="The environment variable holding the secret"),
+                         pusher: str = typer.Option("", "--pusher", help="Who pushed (default: $REMOTE_USER, set by "
+                                                    "git http-backend for an authenticated push; gitolite: $GL_USER)")
+                         ) -> None:
     """A git post-receive hook for a plain Git server: one signed delivery per updated branch (stdin)."""
     import os
 
     from fleetwright.webhook.sender import post_receive
+
+    pusher = pusher or os.environ.get("REMOTE_USER", "") or os.environ.get("GL_USER", "")
 
     secret = os.environ.get(secret_env, "")
     if not secret:
         typer.echo(f"error: ${secret_env} is empty", err=True)
         raise typer.Exit(2)
     failed = 0
-    for ref, status in post_receive(url, secret, repo_url, sys.stdin):
+    for ref, status in post_receive(url, secret, repo_url, sys.stdin, pusher=pusher):
         typer.echo(f"webhook: {ref}: HTTP {status}", err=True)
         failed += status >= 300 and status != 202
     raise typer.Exit(1 if failed else 0)

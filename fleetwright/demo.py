@@ -62,11 +62,65 @@ def _definitions_repo(env: dict) -> str:
     return git.create_repo(env["git"], "definitions", seed=EXAMPLES)
 
 
-def _bump_version_in_git(env: dict, cluster_file: str, old: str, new: str, message: str) -> None:
-    """A person's commit, pushed to the definitions repository over the network."""
+def _bump_version_in_git(env: dict, cluster_file: str, old: str, new: str, message: str) -> str:
+    """A person's commit, pushed to the definitions repository over the network; returns the commit."""
     from testenv.git import GitServer
 
-    GitServer(env["git"]).commit("definitions", {cluster_file: (old, new)}, message, author="alice")
+    return GitServer(env["git"]).commit("definitions", {cluster_file: (old, new)}, message, author="alice")
+
+
+WEBHOOK_BLOCK = "fleetwright-webhook-secrets"
+
+
+def _webhook(env: dict, repo: str, penv: dict, cfg, state: Path) -> None:
+    """``fleetwright webhook serve`` for the definitions repository, and the Git server's post-receive hook.
+
+    ``git http-backend`` has no webhooks of its own, so the bare repository gets the hook a plain Git
+    server uses in production: ``fleetwright webhook post-receive`` sends one signed delivery per pushed
+    branch, with the authenticated pusher (``REMOTE_USER``). From here on a push starts ``sync-from-git``.
+    """
+    import secrets
+    import socket
+
+    from prefect.blocks.system import Secret
+
+    from testenv import common
+
+    secret = secrets.token_hex(24)
+    Secret(value=json.dumps([secret])).save(WEBHOOK_BLOCK, overwrite=True)
+    conf = state / "webhook.yaml"
+    conf.write_text(f"deployment: sync-from-git/sync-from-git\nsecret_block: {WEBHOOK_BLOCK}\ndebounce_seconds: 2\n"
+                    f"repositories:\n  - url: {repo}\n    branches: [main]\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cli = str(Path(sys.executable).parent / "fleetwright")
+    common.start_process("webhook-receiver", [cli, "webhook", "serve", "--config", str(conf), "--port", str(port)],
+                         log=cfg.log_dir / "webhook-receiver.log", env=penv, cfg=cfg)
+    _wait_http(f"http://127.0.0.1:{port}/readyz", 120)
+    hook = Path(env["git"]["root"]) / "definitions.git" / "hooks" / "post-receive"
+    hook.write_text("#!/bin/sh\n# fleetwright: one signed delivery per pushed branch to the webhook receiver\n"
+                    f"FLEETWRIGHT_WEBHOOK_SECRET={secret} exec {cli} webhook post-receive "
+                    f"--url http://127.0.0.1:{port} --repo-url {repo}\n")
+    hook.chmod(0o700)
+    say(f"webhook receiver on http://127.0.0.1:{port}; the Git server's post-receive hook sends it every push")
+
+
+def _wait_run(deployment: str, pred, timeout: float, what: str):
+    """The first run of ``deployment`` that ``pred`` accepts, once it is final."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    end = time.time() + timeout
+    with get_client(sync_client=True) as c:
+        dep = c.read_deployment_by_name(deployment)
+        while time.time() < end:
+            runs = [r for r in c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                                 limit=50) if pred(r)]
+            if runs and runs[0].state and runs[0].state.is_final():
+                return runs[0]
+            time.sleep(2)
+    raise SystemExit(f"demo: {what} did not end in {timeout:.0f}s")
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -87,7 +141,7 @@ def stop() -> int:
     from testenv import common
 
     cfg = common.Config.from_env()
-    for name in ("prefect-worker", "prefect-server"):
+    for name in ("webhook-receiver", "prefect-worker", "prefect-server"):
         say(f"{name}: {'stopped' if common.stop_process(name, cfg) else 'not running'}")
     testenv.down(cfg)
     say(f"test environment in {cfg.state_dir} stopped")
@@ -160,7 +214,7 @@ def run(keep: bool = False, port: int = 4200, record: bool = False) -> int:
                 FLEETWRIGHT_RETRY_BASE_SECONDS="0.5",
                 PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     prefect = str(Path(sys.executable).parent / "prefect")
-    for name in ("prefect-worker", "prefect-server"):  # a kept demo's: this run starts clean
+    for name in ("webhook-receiver", "prefect-worker", "prefect-server"):  # a kept demo's: this run starts clean
         if common.stop_process(name, cfg):
             say(f"stopped the {name} of an earlier demo")
     shutil.rmtree(state / "prefect", ignore_errors=True)  # a fresh database: no old runs, no active schedule
@@ -195,16 +249,28 @@ def run(keep: bool = False, port: int = 4200, record: bool = False) -> int:
         t1 = time.monotonic()
         fr = run_deployment(name=f"{name}/{name}", parameters=params | ({"actor": actor} if actor else {}),
                             timeout=1800, poll_interval=2)
-        seconds = time.monotonic() - t1
+        return report(name, fr, params, time.monotonic() - t1, f" started by {actor}" if actor else " (automation)")
+
+    def report(name: str, fr, params: dict, seconds: float, how: str) -> dict:
         row = {"flow": name, "params": params, "state": fr.state.name if fr.state else "?", "seconds": round(seconds, 1),
                "run": str(fr.id), **_overhead(fr.id)}
         results.append(row)
         say(f"{name} {json.dumps(params)}: {row['state']} in {seconds:.1f}s "
-            f"(backends {row['backend_seconds']:.1f}s, orchestration {row['overhead_seconds']:.1f}s)"
-            + (f" started by {actor}" if actor else " (automation)"))
+            f"(backends {row['backend_seconds']:.1f}s, orchestration {row['overhead_seconds']:.1f}s){how}")
         for line in _cluster_table(name, fr.id):
             print(f"          {line}", flush=True)
         return row
+
+    def follow_push(sha: str) -> None:
+        """The sync a push started through the webhook, then the rollout the sync started."""
+        t1 = time.monotonic()
+        sync = _wait_run("sync-from-git/sync-from-git", lambda r: r.parameters.get("after") == sha, 900,
+                         f"the sync-from-git of {sha[:12]}")
+        report("sync-from-git", sync, {"after": sha[:12]}, time.monotonic() - t1, " by the webhook")
+        roll = _wait_run("rollout-fleet/rollout-fleet", lambda r: r.idempotency_key == f"{sha}:rollout-fleet", 1200,
+                         f"the rollout-fleet of {sha[:12]}")
+        report("rollout-fleet", roll, {"clusters": roll.parameters.get("clusters")}, time.monotonic() - t1,
+               " by sync-from-git")
 
     def step(title: str, fn):
         say(title)
@@ -218,11 +284,13 @@ def run(keep: bool = False, port: int = 4200, record: bool = False) -> int:
     step("onboard team payments", lambda: deploy("onboard-team", team="payments"))
     step("add external-dns to every dev cluster, in waves", lambda: deploy(
         "add-component", component="external-dns", selector={"env": "dev"}, values={"domain": "dev.corp.example.com"}))
-    _bump_version_in_git(env, "clusters/aws.yaml", "variables: {environment: staging, workers: 2, workerSize: medium}",
-                         'variables: {environment: staging, workers: 2, workerSize: medium, kubernetesVersion: "1.21"}',
-                         f"{AWS_CLUSTER}: Kubernetes 1.21")
-    step(f"upgrade {AWS_CLUSTER} 1.20 -> 1.21 (bumped in Git first)",
-         lambda: deploy("upgrade-cluster", cluster=AWS_CLUSTER, to_version="1.21"))
+    step("start the webhook receiver and the Git server's post-receive hook",
+         lambda: _webhook(env, repo, penv, cfg, state))
+    sha = _bump_version_in_git(env, "clusters/aws.yaml", "variables: {environment: staging, workers: 2, workerSize: medium}",
+                               'variables: {environment: staging, workers: 2, workerSize: medium, kubernetesVersion: "1.21"}',
+                               f"{AWS_CLUSTER}: Kubernetes 1.21")
+    step(f"push {AWS_CLUSTER} 1.20 -> 1.21 to Git ({sha[:12]}): the webhook starts sync-from-git, which rolls it out",
+         lambda: follow_push(sha))
     step("change things behind fleetwright's back", lambda: _out_of_band(conns))
     step("reconcile-fleet: report and correct", lambda: deploy("reconcile-fleet", actor=None, selector={}))
     step("reconcile-fleet again: nothing left to correct",
@@ -240,7 +308,7 @@ def run(keep: bool = False, port: int = 4200, record: bool = False) -> int:
         say("kept running; reconcile-fleet runs every 15 minutes again. Stop it all with: fleetwright demo --stop")
     else:
         say("stopping (use --keep to explore)")
-        for name in ("prefect-worker", "prefect-server"):
+        for name in ("webhook-receiver", "prefect-worker", "prefect-server"):
             common.stop_process(name, cfg)
         testenv.down(cfg)
     bad = [r for r in results if r["state"] not in ("Completed",) and r["flow"] != "reconcile-fleet"]

@@ -46,8 +46,13 @@ def test_demo_runs_the_example_fleet_end_to_end(tmp_path):
                  'create-cluster {"cluster": "dc1-web-dev"}: Completed',
                  'create-cluster {"cluster": "edge-lab-01"}: Completed',
                  'onboard-team {"team": "payments"}: Completed',
-                 'upgrade-cluster {"cluster": "us-web-staging", "to_version": "1.21"}: Completed'):
+                 'rollout-fleet {"clusters": ["us-web-staging"]}: Completed'):
         assert line in out, out[-6000:]
+    # the version bump was pushed to Git: the post-receive hook's delivery started sync-from-git, which started
+    # the rollout that upgraded the cluster
+    pushed = out[out.index("the webhook starts sync-from-git"):out.index("change things behind")]
+    assert "sync-from-git {\"after\": " in pushed and ": Completed" in pushed and "by the webhook" in pushed, pushed
+    assert "us-web-staging   converged" in pushed, pushed
     assert "add-component" in out and "Prefect UI: http://127.0.0.1:" in out
     # the sweep corrected the correct-mode clusters and reported the report-mode one
     sweep = out[out.index("reconcile-fleet: report and correct"):]
