@@ -1,7 +1,9 @@
 """Real Kubernetes control planes: kube-apiserver + kube-controller-manager v1.20.2 on loopback.
 
 * Built once from Debian's ``kubernetes`` *source* package (bookworm-security,
-  1.20.5+really1.20.2) with Debian's Go, cached in ``<cache>/kube-v1.20.2/bin``.
+  1.20.5+really1.20.2) with Debian's Go, cached in ``<cache>/kube-v1.20.2/bin``: all 7 static
+  binaries plus ``crictl`` (the machines part uses them too), and the same source stamped v1.21.0
+  in ``<cache>/kube-v1.21.0/bin`` (see :func:`build`).
 * ONE etcd (Debian's ``etcd-server``) serves every control plane; each control plane is
   isolated by ``--etcd-prefix /fleetwright/<name>`` and has its own 127.0.0.1 port, CA and
   serving certificate (SAN 127.0.0.1), admin token (tokens.csv), kubeconfig and a

@@ -168,3 +168,51 @@ def metal_image(metal) -> str:
     from testenv.machines import BUSYBOX_IMAGE
 
     return BUSYBOX_IMAGE
+
+
+def test_upgrade_cluster_changes_the_binaries_on_every_node_and_a_budgeted_pod_keeps_running(metal):
+    """After create: upgrade-cluster 1.20 -> 1.21 through the flow (kubeadm upgrade apply on the control
+    plane, then each worker drained through the eviction API, one at a time)."""
+    from flows.lifecycle import upgrade_cluster
+    from tasks.definitions import DefinitionsSource
+    from testenv import machines
+
+    api, _ = _api(metal)
+    core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
+    assert {n.status.node_info.kubelet_version for n in core.list_node().items} == {"v1.20.2"}, "create ran first"
+    labels = {"app": "budgeted"}
+    apps.create_namespaced_deployment("default", k8s.V1Deployment(
+        metadata=k8s.V1ObjectMeta(name="budgeted"),
+        spec=k8s.V1DeploymentSpec(replicas=2, selector=k8s.V1LabelSelector(match_labels=labels),
+                                  template=k8s.V1PodTemplateSpec(
+                                      metadata=k8s.V1ObjectMeta(labels=labels),
+                                      spec=k8s.V1PodSpec(termination_grace_period_seconds=1, containers=[k8s.V1Container(
+                                          name="bb", image=metal_image(metal), image_pull_policy="IfNotPresent",
+                                          command=["sleep", "3600"])])))))
+    # Kubernetes 1.20 serves PodDisruptionBudgets as policy/v1beta1 only (the client knows policy/v1)
+    k8s.CustomObjectsApi(api).create_namespaced_custom_object("policy", "v1beta1", "default", "poddisruptionbudgets", {
+        "apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget", "metadata": {"name": "budgeted"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}}})
+    _wait(lambda: (apps.read_namespaced_deployment("budgeted", "default").status.available_replicas or 0) == 2, 120,
+          "Deployment budgeted available")
+    t0 = time.monotonic()
+    out = upgrade_cluster(cluster=CLUSTER, to_version="1.21", source=DefinitionsSource(path=str(metal["root"])),
+                          actor="alice")
+    print(f"upgrade-cluster {CLUSTER} 1.20 -> 1.21: {time.monotonic() - t0:.1f}s")
+    assert out["clusters"][0]["status"] == "converged", out
+    api, _ = _api(metal)
+    core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
+    for n in core.list_node().items:  # node versions moved, every node Ready and schedulable again
+        assert n.status.node_info.kubelet_version == "v1.21.0", n.metadata.name
+        assert {c.type: c.status for c in n.status.conditions}["Ready"] == "True", n.metadata.name
+        assert not n.spec.unschedulable, n.metadata.name
+    assert k8s.VersionApi(api).get_code().git_version == "v1.21.0"  # the apiserver's /version
+    for n, (_, i) in HOSTS.items():  # the binaries on every node changed
+        assert machines.ssh(metal["cfg"], machines.machine_address(i), "kubelet --version").stdout.strip() \
+            == "Kubernetes v1.21.0", n
+    pods = {p.metadata.name.removesuffix("-mk-cp"): p for p in core.list_namespaced_pod("kube-system").items}
+    for comp in ("kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+        assert pods[comp].spec.containers[0].image.endswith(":v1.21.0"), comp
+        assert pods[comp].status.phase == "Running", comp
+    d = apps.read_namespaced_deployment("budgeted", "default")
+    assert (d.status.available_replicas or 0) >= 1
