@@ -150,6 +150,13 @@ def askpass_env(sec: dict) -> Iterator[dict[str, str]]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def as_person(sec: dict, person: str) -> dict:
+    """The section with a person's own account instead of the service account (unchanged for others)."""
+    from .git_server import PEOPLE, person_token
+
+    return dict(sec, user=person, token=person_token(sec["token"], person)) if person in PEOPLE else sec
+
+
 def git(sec: dict, *args: str, cwd: Path | str | None = None) -> str:
     """Run ``git ARGS`` authenticated to the server; returns stdout, raises with stderr on failure."""
     with askpass_env(sec) as env:
@@ -249,7 +256,9 @@ class GitServer:
             ident = ["-c", f"user.name={author}", "-c", f"user.email={author}@fleetwright.invalid"]
             subprocess.run(["git", "-C", str(work), "add", "-A"], check=True, capture_output=True)
             subprocess.run(["git", "-C", str(work), *ident, "commit", "-q", "-m", message], check=True, capture_output=True)
-            self.git("-C", str(work), "push", "-q", "origin", f"HEAD:refs/heads/{branch}")
+            # pushed with the author's own account when they have one, so the server's REMOTE_USER (what a
+            # post-receive hook reports as the pusher) is the person, as on a real Git host
+            git(as_person(self.section, author), "-C", str(work), "push", "-q", "origin", f"HEAD:refs/heads/{branch}")
             return subprocess.run(["git", "-C", str(work), "rev-parse", "HEAD"], check=True, capture_output=True,
                                   text=True).stdout.strip()
 

@@ -28,7 +28,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 CONTROL = "/fleetwright-testenv"
-USER = "fleetwright"
+USER = "fleetwright"  # the service account (fleetwright's own block); the control endpoints take only it
+PEOPLE = ("alice", "bob", "carol")  # personal accounts, so a push names the person who made it (REMOTE_USER)
+
+
+def person_token(master: str, person: str) -> str:
+    """A person's password on this server, derived from the server's token (nothing more to store)."""
+    return hmac.new(master.encode(), f"person:{person}".encode(), "sha256").hexdigest()[:40]
 
 
 class _State:
@@ -60,15 +66,20 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _authorized(self) -> bool:
+    def _authorized(self) -> str | None:
+        """The authenticated account, or None."""
         h = self.headers.get("Authorization", "")
         if not h.startswith("Basic "):
-            return False
+            return None
         try:
             user, _, pw = base64.b64decode(h[6:]).decode().partition(":")
         except ValueError:
-            return False
-        return hmac.compare_digest(user, USER) and hmac.compare_digest(pw, self.state.token)
+            return None
+        if hmac.compare_digest(user, USER) and hmac.compare_digest(pw, self.state.token):
+            return USER
+        if user in PEOPLE and hmac.compare_digest(pw, person_token(self.state.token, user)):
+            return user
+        return None
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -117,10 +128,14 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ git
     def _handle(self) -> None:
         parts = urlsplit(self.path)
-        if not self._authorized():
+        user = self._authorized()
+        if user is None:
             self._send(401, b"authentication required\n", extra={"WWW-Authenticate": 'Basic realm="fleetwright-testenv"'})
             return
         if parts.path.startswith(CONTROL):
+            if user != USER:
+                self._send(403, b"the control endpoints are for the service account\n")
+                return
             self._control(parts.path[len(CONTROL):])
             return
         self._maybe_hold(parts.query)
@@ -130,7 +145,7 @@ class Handler(BaseHTTPRequestHandler):
             "GIT_PROJECT_ROOT": self.state.root, "GIT_HTTP_EXPORT_ALL": "1",
             "PATH_INFO": parts.path, "QUERY_STRING": parts.query, "REQUEST_METHOD": self.command,
             "CONTENT_TYPE": self.headers.get("Content-Type", ""), "CONTENT_LENGTH": str(len(body)),
-            "REMOTE_USER": USER, "REMOTE_ADDR": self.client_address[0], "GATEWAY_INTERFACE": "CGI/1.1",
+            "REMOTE_USER": user, "REMOTE_ADDR": self.client_address[0], "GATEWAY_INTERFACE": "CGI/1.1",
             "SERVER_PROTOCOL": "HTTP/1.1",
         }
         if self.headers.get("Content-Encoding"):
