@@ -290,7 +290,7 @@ def test_second_apply_changes_nothing(env, backend, desired):
 
 def test_resume_after_a_crash_mid_create(env, backend, desired):
     """A worker died right after CreateCluster: the re-run waits for CREATING and finishes, no duplicate."""
-    aws_settings(env, create_seconds=1.0)
+    aws_settings(env, create_seconds=5.0)  # CREATING long enough to be observed on a loaded CI machine
     steps = infra_steps(desired, backend.observe(desired))
     backend.apply(desired, steps[0])  # infrastructure.ensure
     subnets = inventory(env)["subnets"]
