@@ -1,6 +1,7 @@
 """Credentials as Prefect blocks, and the Connections the backends are given.
 
-Blocks: prefect-aws's ``AwsCredentials`` (block name ``fleetwright-aws``),
+Blocks: prefect-aws's ``AwsCredentials`` (block name ``fleetwright-aws``; more accounts as
+``fleetwright-aws-<name>``, chosen by a Cluster's ``backend.credentials: <name>``),
 ``VsphereCredentials`` (``fleetwright-vsphere``), ``SshKey``
 (``fleetwright-ssh``) and ``GitCredentialsBlock`` (``fleetwright-git``: the token or SSH
 key for the definitions repository), all with ``SecretStr`` fields. When a block is missing,
@@ -90,6 +91,39 @@ def git_credentials(name: str | None = None):
                           known_hosts=block.known_hosts)
 
 
+def _aws_connection(block, like):
+    """An ``AwsConnection`` from a prefect-aws ``AwsCredentials`` block; unset settings come from ``like``."""
+    return like.model_copy(update={
+        "access_key_id": SecretStr(block.aws_access_key_id) if block.aws_access_key_id else None,
+        "secret_access_key": block.aws_secret_access_key,
+        "session_token": SecretStr(block.aws_session_token) if block.aws_session_token else None,
+        "profile_name": block.profile_name,
+        "endpoint_url": (block.aws_client_parameters.endpoint_url if block.aws_client_parameters else None)
+                        or like.endpoint_url,
+    })
+
+
+def _named_aws_blocks(cls) -> dict:
+    """Every ``AwsCredentials`` block named ``fleetwright-aws-<name>``, by ``<name>``: the credential sets a
+    Cluster picks with ``backend.credentials: <name>`` (other accounts). Read once per process."""
+    prefix = f"{AWS_BLOCK}-"
+    try:
+        from prefect.client.orchestration import get_client
+
+        names: list[str] = []
+        with get_client(sync_client=True) as c:
+            while True:
+                page = c.read_block_documents_by_type(cls.get_block_type_slug(), offset=len(names), limit=200,
+                                                      include_secrets=False)
+                names += [d.name for d in page if d.name]
+                if len(page) < 200:
+                    break
+    except Exception:  # noqa: BLE001 - API unreachable or no such block type: file/env configuration only
+        return {}
+    return {n[len(prefix):]: b for n in names if n.startswith(prefix) and n != AWS_BLOCK
+            and (b := _load_block(cls, n)) is not None}
+
+
 def _load_block(cls, name: str):
     try:
         return cls.load(name)
@@ -112,14 +146,11 @@ def connections() -> Connections:
         AwsCredentials = None
     aws = _load_block(AwsCredentials, AWS_BLOCK) if AwsCredentials else None
     if aws is not None:
-        update["aws"] = base.aws.model_copy(update={
-            "access_key_id": SecretStr(aws.aws_access_key_id) if aws.aws_access_key_id else None,
-            "secret_access_key": aws.aws_secret_access_key,
-            "session_token": SecretStr(aws.aws_session_token) if aws.aws_session_token else None,
-            "profile_name": aws.profile_name,
-            "endpoint_url": (aws.aws_client_parameters.endpoint_url if aws.aws_client_parameters else None)
-                            or base.aws.endpoint_url,
-        })
+        update["aws"] = _aws_connection(aws, base.aws)
+    named = _named_aws_blocks(AwsCredentials) if AwsCredentials else {}
+    if named:  # a block wins over a connections-file set of the same name
+        update["aws_credentials"] = dict(base.aws_credentials) | {
+            n: _aws_connection(b, base.aws_credentials.get(n, base.aws)) for n, b in named.items()}
     vs: Optional[VsphereCredentials] = _load_block(VsphereCredentials, VSPHERE_BLOCK)
     if vs is not None:
         update["vsphere"] = VsphereConnection(host=vs.host, port=vs.port, user=vs.user, password=vs.password, insecure=vs.insecure)

@@ -5,6 +5,7 @@ target ``infrastructure`` are the AWS backend's (the rest belongs to the kube ba
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -566,6 +567,49 @@ def test_several_accounts_by_assumed_role_and_named_credentials(env, desired):
                        aws_credentials={"lab": AwsConnection(endpoint_url=env["endpoint_url"], access_key_id="testing",
                                                              secret_access_key="testing", wait_seconds=0.1)})
     assert not AwsBackend(conn).observe(named).exists  # the lab account (the test account) has no such cluster
+
+
+@pytest.mark.timeout(600)  # may start this worker's Prefect server first
+def test_named_credentials_from_a_prefect_block(env, desired, prefect_api, monkeypatch, tmp_path):
+    """A Cluster's ``backend.credentials: lab`` picks the AwsCredentials block ``fleetwright-aws-lab`` saved on
+    the Prefect server: here the keys of another account (111111111111, by an STS role), so the cluster it sees
+    is that account's. The block's secret never appears in the connections' repr."""
+    from prefect_aws import AwsCredentials
+
+    from tasks import blocks
+
+    other = "111111111111"
+    c = boto(env, "sts").assume_role(RoleArn=f"arn:aws:iam::{other}:role/lab", RoleSessionName="lab")["Credentials"]
+    kw = dict(endpoint_url=env["endpoint_url"], region_name=REGION, aws_access_key_id=c["AccessKeyId"],
+              aws_secret_access_key=c["SecretAccessKey"], aws_session_token=c["SessionToken"])
+    role = boto3.client("iam", **kw).create_role(RoleName="lab-eks", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    boto3.client("eks", **kw).create_cluster(name=NAME, version="1.20", roleArn=role,
+                                             resourcesVpcConfig={"subnetIds": ["subnet-1"]}, tags=make_backend(env).tags(desired))
+    AwsCredentials(aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretAccessKey"],
+                   aws_session_token=c["SessionToken"]).save("fleetwright-aws-lab", overwrite=True)
+    try:
+        monkeypatch.setenv("FLEETWRIGHT_USE_BLOCKS", "1")
+        f = tmp_path / "connections.json"  # the default account's keys; no named sets in the file
+        f.write_text(json.dumps({"aws": {"endpoint_url": env["endpoint_url"], "access_key_id": "testing",
+                                         "secret_access_key": "testing", "wait_seconds": 0.1}}))
+        monkeypatch.setenv("FLEETWRIGHT_CONNECTIONS", str(f))
+        blocks.connections.cache_clear()
+        conns = blocks.connections()
+        assert set(conns.aws_credentials) >= {"lab"} and c["SecretAccessKey"] not in repr(conns)
+        named = desired.model_copy(update={"backend": desired.backend.model_copy(update={"credentials": "lab"})})
+        seen = AwsBackend(conns).observe(named)
+        assert seen.exists and seen.kubernetes_version == "1.20"  # the other account's cluster
+        assert not AwsBackend(conns).observe(desired).exists  # the default credentials: the test account has none
+        with pytest.raises(PermanentError, match="no AWS credentials named 'nope'"):
+            AwsBackend(conns).observe(desired.model_copy(update={"backend": desired.backend.model_copy(
+                update={"credentials": "nope"})}))
+    finally:
+        blocks.connections.cache_clear()
+        boto3.client("eks", **kw).delete_cluster(name=NAME)
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as pc:
+            pc.delete_block_document(AwsCredentials.load("fleetwright-aws-lab")._block_document_id)
 
 
 # --------------------------------------------------------------------------- 5: adoption refused
