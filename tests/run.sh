@@ -15,7 +15,8 @@ WORKERS=${TEST_WORKERS:-2}
 # session's shared ssh_hosts fixture (test_flows_onprem, test_testenv_hosts) then keeps for the session
 ONPREM=(tests/integration/test_demo.py tests/integration/test_backend_metal.py tests/integration/test_backend_vsphere.py
         tests/integration/test_vsphere_fleet_onprem.py tests/integration/test_flows_onprem.py
-        tests/integration/test_crash_onprem.py tests/integration/test_git_ssh_onprem.py
+        tests/integration/test_crash_onprem.py tests/integration/test_retry_same_run_onprem.py
+        tests/integration/test_git_ssh_onprem.py
         tests/integration/test_testenv_hosts.py tests/integration/test_testenv_vsphere.py
         tests/integration/test_testenv_lifecycle.py)
 MACHINES=(tests/integration/test_testenv_machines.py tests/integration/test_metal_kubeadm.py)

@@ -17,10 +17,6 @@ upgrade-cluster tests have used it at 1.20).
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -32,6 +28,7 @@ from models.errors import PolicyDenied
 
 from .conftest import eks, kube_client
 from .test_flows import in_thread, src
+from .workers import deployed_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 T = "2026-07-01T08:00:00+00:00"
@@ -114,24 +111,8 @@ def fleet(aws_fleet):
 @pytest.fixture(scope="module")
 def worker(fleet, prefect_api, tmp_path_factory):
     """The product's own rollout-fleet deployment (prefect.yaml) on a process work pool, and a worker for it."""
-    env = dict(os.environ, PREFECT_API_URL=prefect_api, FLEETWRIGHT_HOME=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="2",
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    prefect = str(Path(sys.executable).parent / "prefect")
-    for cmd in ([prefect, "work-pool", "create", "fleetwright", "--type", "process", "--overwrite"],
-                [prefect, "--no-prompt", "deploy", "--name", "rollout-fleet"]):
-        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    log = open(tmp_path_factory.mktemp("worker") / "worker.log", "w")
-    proc = subprocess.Popen([prefect, "worker", "start", "--pool", "fleetwright", "--limit", "2"], env=env, cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    yield proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    log.close()
+    with deployed_worker(prefect_api, ["rollout-fleet"], tmp_path_factory.mktemp("worker") / "worker.log") as proc:
+        yield proc
 
 
 def versions(fleet) -> dict[str, str]:

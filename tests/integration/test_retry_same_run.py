@@ -10,73 +10,22 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import boto3
 import pytest
 
 from .conftest import eks
+from .workers import deployed_worker, flow_run_processes, read_run, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(1200)
-
-
-def wait_until(cond, seconds: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"not within {seconds:.0f}s: {what}")
-
-
-def flow_run_processes(run_id) -> list[int]:
-    """PIDs of the processes the worker started for this flow run (found by their PREFECT__FLOW_RUN_ID)."""
-    want = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if want in (p / "environ").read_bytes().split(b"\0"):
-                    out.append(int(p.name))
-            except OSError:
-                continue
-    return out
-
-
-def read_run(run_id):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as c:
-        return c.read_flow_run(run_id)
 
 
 @pytest.fixture(scope="module")
 def worker(aws_fleet, prefect_api, tmp_path_factory):
     """The product's create-cluster deployment (prefect.yaml) on a process pool, and one worker."""
-    env = dict(os.environ, PREFECT_API_URL=prefect_api, FLEETWRIGHT_HOME=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="2",
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    prefect = str(Path(sys.executable).parent / "prefect")
-    for cmd in ([prefect, "work-pool", "create", "fleetwright", "--type", "process", "--overwrite"],
-                [prefect, "--no-prompt", "deploy", "--name", "create-cluster"]):
-        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([prefect, "worker", "start", "--pool", "fleetwright", "--limit", "2"], env=env, cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    yield {"proc": proc, "log": log_path}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    log.close()
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with deployed_worker(prefect_api, ["create-cluster"], log) as proc:
+        yield {"proc": proc, "log": log}
 
 
 def test_retry_of_a_crashed_run_resumes_the_same_run_without_duplicates(aws_fleet, worker):

@@ -7,12 +7,10 @@ moto EKS cluster mapped to a real kube-apiserver. The assertions read Prefect an
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from fleetwright.webhook.sender import push_payload, signed
 
 from .conftest import EXAMPLES, kube_client
 from .test_webhook import Receiver, wait_for
+from .workers import deployed_worker
 
 pytestmark = pytest.mark.timeout(1200)
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,16 +88,9 @@ def e2e(tmp_path_factory, testenv_config, kube_factory, prefect_api, _aws_sessio
     made = create_cluster(cluster="wh-web", source=DefinitionsSource(repo=url, ref="main"), actor="alice")
     assert made["clusters"][0]["status"] == "converged", made
     # the product's deployments, and a worker that runs them (its flow runs inherit this environment)
-    wenv = dict(os.environ, PREFECT_API_URL=prefect_api, FLEETWRIGHT_HOME=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="2",
-                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    prefect = str(Path(sys.executable).parent / "prefect")
-    for cmd in ([prefect, "work-pool", "create", "fleetwright", "--type", "process", "--overwrite"],
-                [prefect, "--no-prompt", "deploy", "--name", "sync-from-git", "--name", "rollout-fleet"]):
-        r = subprocess.run(cmd, env=wenv, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     wlog = d / "worker.log"
-    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "fleetwright", "--limit", "2"], env=wenv, cwd=ROOT,
-                              stdout=open(wlog, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    stack = contextlib.ExitStack()
+    stack.enter_context(deployed_worker(prefect_api, ["sync-from-git", "rollout-fleet"], wlog))
     from prefect.blocks.system import Secret
 
     Secret(value=json.dumps([SECRET])).save(BLOCK, overwrite=True)
@@ -110,39 +102,13 @@ def e2e(tmp_path_factory, testenv_config, kube_factory, prefect_api, _aws_sessio
         yield {"url": url, "name": name, "endpoint": endpoint, "rx": rx, "worker_log": wlog}
     finally:
         rx.stop()
-        # a flow run reports its final state before its process has exited: let those processes end on their own
-        # (a stopped one would leave its private directory to the next process's sweep)
-        wait_for(lambda: not _descendants(worker.pid), 120, "the worker's flow-run processes to exit", every=1)
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
+        stack.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
         connections.cache_clear()
-
-
-def _descendants(pid: int) -> set[int]:
-    parent = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                raw = (p / "stat").read_text()
-            except OSError:
-                continue
-            fields = raw[raw.rfind(")") + 2:].split()
-            if fields[0] != "Z":
-                parent[int(p.name)] = int(fields[1])
-    out, frontier = set(), {pid}
-    while frontier:
-        frontier = {c for c, pp in parent.items() if pp in frontier} - out
-        out |= frontier
-    return out
 
 
 def final(run_id, timeout: float, what: str):
