@@ -755,7 +755,7 @@ def test_machine_change_replaces_the_node_group_create_before_destroy(env, backe
     steps = infra_steps(bigger, backend.observe(bigger))
     assert [s.action for s in steps] == ["nodePool.update"] and "diskSizeGiB, instanceTypes" in steps[0].reason
     new_name = backend.replacement_name("general", BIGGER)
-    aws_settings(env, create_seconds=2.0)  # the new node group is CREATING for a while
+    aws_settings(env, create_seconds=6.0)  # the new node group is CREATING for a while, many polls wide
     box: dict[str, Any] = {}
     t = threading.Thread(target=lambda: box.setdefault("r", backend.apply(bigger, steps[0])))
     t.start()

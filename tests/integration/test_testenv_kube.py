@@ -196,26 +196,26 @@ def test_server_side_apply(api, ns):
 
 
 def test_watch_sees_changes(api, ns):
+    """A watch from a list's resourceVersion sees every later change, however late the watch starts."""
     core = client.CoreV1Api(api)
     events: list[tuple[str, str]] = []
-    started = threading.Event()
+    rv = core.list_namespaced_config_map(ns).metadata.resource_version
 
     def watcher() -> None:
         w = watch.Watch()
-        started.set()
-        for ev in w.stream(core.list_namespaced_config_map, ns, timeout_seconds=5, _request_timeout=8):
+        for ev in w.stream(core.list_namespaced_config_map, ns, resource_version=rv, timeout_seconds=60,
+                           _request_timeout=90):
             events.append((ev["type"], ev["object"].metadata.name))
             if ev["type"] == "DELETED":
                 w.stop()
 
-    th = threading.Thread(target=watcher, daemon=True)
-    th.start()
-    started.wait(5)
-    time.sleep(0.5)
     core.create_namespaced_config_map(ns, {"metadata": {"name": "w"}})
     core.patch_namespaced_config_map("w", ns, {"data": {"x": "1"}})
     core.delete_namespaced_config_map("w", ns)
-    th.join(10)
+    th = threading.Thread(target=watcher, daemon=True)
+    th.start()  # after the changes: the resourceVersion, not timing, makes the watch see them
+    th.join(90)
+    assert not th.is_alive(), events
     assert ("ADDED", "w") in events and ("MODIFIED", "w") in events and ("DELETED", "w") in events
 
 

@@ -1,0 +1,162 @@
+"""The UI's Retry on a crashed run, on bare metal and on vSphere: the SAME flow run runs again on a worker.
+
+The product's create-cluster deployment runs on a real process worker. While its control-plane
+playbook runs (an ``ansible-playbook`` of the flow-run process with an SSH connection open), the
+flow-run process alone is killed, as the OOM killer would take it. Then:
+
+* nothing of the killed run is left running: no process carries its flow-run id any more (its
+  ansible-playbook and ssh children were stopped by the product's watchdog);
+* the worker reports it Crashed; the test does what the UI's Retry button does (the run's state set
+  to Scheduled "AwaitingRetry", forced) and the worker runs the same flow run id again;
+* the steps the dead attempt finished come from their cached results (no second clone, no second
+  prepare), the rest completes;
+* one of everything: the cluster's VMs counted by custom attribute, the control-plane processes on
+  the host, and no key file or scratch directory left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from .conftest import EXAMPLES, leftovers
+from .test_crash_onprem import host_sessions, vm_names
+from .workers import deployed_worker, flow_run_engine, flow_run_processes, read_run, wait_until
+
+pytestmark = pytest.mark.timeout(1500)
+CLUSTERS = ("edge-lab-01", "dc1-web-dev")  # metal, vSphere
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluster, prefect_api):
+    """The example fleet with hosts for both clusters, connections with host-key checking on, and a worker."""
+    import testenv
+    from backends.definitions import load_path
+    from models.resolve import resolve
+    from testenv import hosts
+    from testenv.connections import write_connections
+
+    root = tmp_path_factory.mktemp("retry") / "defs"
+    shutil.copytree(EXAMPLES, root)
+    defs = load_path(root)
+    addresses = {name: [m.address for m in resolve(defs, name).machines] for name in CLUSTERS}
+    for a in [a for v in addresses.values() for a in v]:
+        hosts.ensure_host(testenv_config, a)
+    env = testenv.read_env(testenv_config)
+    conns = write_connections(root.parent / "connections.json", env)
+    assert json.loads(conns.read_text())["ssh"]["known_hosts_file"]  # host keys are checked, as in production
+    keys = ("FLEETWRIGHT_CONNECTIONS", "FLEETWRIGHT_USE_BLOCKS", "FLEETWRIGHT_RETRY_BASE_SECONDS",
+            "FLEETWRIGHT_LOCK_LEASE_SECONDS")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"FLEETWRIGHT_CONNECTIONS": str(conns), "FLEETWRIGHT_USE_BLOCKS": "0",
+                       "FLEETWRIGHT_RETRY_BASE_SECONDS": "0.2", "FLEETWRIGHT_LOCK_LEASE_SECONDS": "30"})
+    from tasks.blocks import connections
+
+    connections.cache_clear()
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    try:
+        with deployed_worker(prefect_api, ["create-cluster"], log) as proc:
+            yield {"root": root, "addresses": addresses, "env": env, "cfg": testenv_config, "worker": proc,
+                   "log": log}
+    finally:
+        for a in [a for v in addresses.values() for a in v]:
+            hosts.remove_host(testenv_config, a)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        connections.cache_clear()
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def in_playbook(run_id, playbook: str) -> bool:
+    """An ansible-playbook of this flow run runs ``playbook`` with an ssh connection open."""
+    cmds = [cmdline(p) for p in flow_run_processes(run_id)]
+    return (any("ansible-playbook" in c and f"playbooks/{playbook}" in c for c in cmds)
+            and any(c.startswith("ssh") for c in cmds))
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_retry_of_a_run_killed_in_its_playbook_resumes_the_same_run(fleet, cluster):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+    from prefect.states import AwaitingRetry
+
+    from testenv import hosts
+
+    left_before = leftovers(legacy=True)  # we hold the on-prem lock: no other Ansible runs
+    params = {"cluster": cluster, "actor": "alice", "source": {"path": str(fleet["root"])}}
+    fr = run_deployment(name="create-cluster/create-cluster", parameters=params, timeout=0)
+    wait_until(lambda: in_playbook(fr.id, "control_plane.yml") or (read_run(fr.id).state.is_final()), 600,
+               f"{cluster}: the control-plane playbook to run ({fleet['log'].read_text()[-2000:]})", interval=0.1)
+    assert not read_run(fr.id).state.is_final(), read_run(fr.id).state
+    engine = wait_until(lambda: flow_run_engine(fr.id), 30, "the flow run's own process")
+    os.kill(engine, signal.SIGKILL)  # the flow-run process only; the worker and the hosts live on
+    # nothing of the killed run keeps running: its ansible-playbook, forks and ssh masters are stopped
+    wait_until(lambda: not flow_run_processes(fr.id), 60,
+               f"the killed run's processes to end: {[cmdline(p) for p in flow_run_processes(fr.id)]}")
+    wait_until(lambda: not host_sessions(fleet["cfg"], fleet["addresses"][cluster]), 120,
+               f"Ansible sessions on the hosts to end: {host_sessions(fleet['cfg'], fleet['addresses'][cluster])}")
+    crashed = wait_until(lambda: (s := read_run(fr.id).state) and s.is_final() and s, 300,
+                         "the worker to report the killed run")
+    assert crashed.is_crashed() or crashed.is_failed(), crashed
+    with get_client(sync_client=True) as c:
+        first = {t.name: t for t in c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))}
+    done_before = {n for n, t in first.items() if t.state and t.state.is_completed()
+                   and not n.startswith(("observe", "health gate"))}
+    assert any(n.startswith("infrastructure.ensure") for n in done_before), sorted(first)
+    runs_before = read_run(fr.id).run_count
+    for _ in range(3):
+        # the UI's Retry button: the same run, Scheduled as AwaitingRetry, forced out of its final state
+        with get_client(sync_client=True) as c:
+            res = c.set_flow_run_state(fr.id, AwaitingRetry(message="Retry from the UI"), force=True)
+        assert res.status.value == "ACCEPT", res
+        done = wait_until(lambda: (s := read_run(fr.id).state) and s.is_final() and s, 900,
+                          f"the retried run to end ({fleet['log'].read_text()[-2000:]})", interval=2)
+        # a late second crash report of the killed attempt can land on the retry before it ran
+        if not (done.is_crashed() and read_run(fr.id).run_count == runs_before):
+            break
+    assert done.is_completed(), (done, fleet["log"].read_text()[-3000:])
+    assert read_run(fr.id).run_count >= 2  # the same flow run ran again: no new run was made
+    with get_client(sync_client=True) as c:
+        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
+    by_name: dict[str, list] = {}
+    for t in tasks:
+        by_name.setdefault(t.name, []).append(t)
+    for name in done_before:  # finished by the dead attempt: not carried out again
+        again = [t for t in by_name[name] if t.id != first[name].id]
+        assert all(t.state.name == "Cached" for t in again), (name, [t.state.name for t in again])
+
+    # one of everything, counted where duplicates can exist
+    section = fleet["env"]["hosts"]
+    if cluster == "dc1-web-dev":
+        names = vm_names(fleet["env"]["vsphere"], cluster)
+        assert names == ["dc1-web-dev-cp-0", "dc1-web-dev-general-0"], names
+    cp = fleet["addresses"][cluster][0]
+    procs = hosts.ssh(section, cp, f"{section['supervisor']} list").stdout.splitlines()
+    assert sorted(ln.split()[0] for ln in procs) == ["fw-apiserver", "fw-etcd", "fw-kcm"], procs
+    assert all(ln.split()[1] == "running" for ln in procs), procs
+    wait_until(lambda: not flow_run_processes(fr.id), 120, "the retried run's process to exit", interval=1)
+    assert leftovers(legacy=True) - left_before == set()
+
+    # and it goes away again: decommission through the flow, its errors not swallowed
+    from flows.lifecycle import decommission_cluster
+    from tasks.definitions import DefinitionsSource
+
+    out = decommission_cluster(cluster=cluster, confirm=cluster, source=DefinitionsSource(path=str(fleet["root"])),
+                               actor="alice")
+    assert out["clusters"][0]["status"] == "converged", out
+    if cluster == "dc1-web-dev":
+        assert vm_names(fleet["env"]["vsphere"], cluster) == []
