@@ -46,6 +46,43 @@ class StepResult:
     outputs: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class HealthExpectation:
+    """What a cluster's health check looks at (built by ``tasks.cluster`` from desired + observed state).
+
+    ``nodes``: the Node names the infrastructure backend made for its workers, each with the kubelet
+    version it must run (None: any); each must be registered, and every Node must be Ready.
+    None skips the node checks. ``node_versions``: Nodes whose kubelet version is checked when they
+    are registered (control-plane hosts: a kubeadm control plane runs a kubelet).
+    ``control_plane_version``: the control-plane Pods (a self-hosted control plane's static Pods,
+    ``tier=control-plane``) run images of this minor version.
+    ``components``: the names of the components whose workloads must be available.
+    """
+
+    nodes: dict[str, str | None] | None = None
+    node_versions: dict[str, str | None] = field(default_factory=dict)
+    system_pods: bool = True
+    control_plane_version: str | None = None
+    components: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HealthProblem:
+    """One thing that is not healthy: ``subject`` names the object (``Node/w1``, ``Deployment/ns/x``).
+
+    ``group`` says whose timeout applies (``nodes``, ``kube-system``, ``control-plane``,
+    ``component:<name>``); ``final`` is True when waiting cannot cure it (an invalid image name).
+    """
+
+    group: str
+    subject: str
+    why: str
+    final: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.why}"
+
+
 @runtime_checkable
 class InfrastructureBackend(Protocol):
     """Makes and changes the cluster itself: network, control plane, node pools, infrastructure add-ons."""
@@ -76,6 +113,10 @@ class ClusterBackend(Protocol):
         ...
 
     def delete(self, desired: DesiredCluster) -> StepResult:
+        ...
+
+    def health(self, desired: DesiredCluster, expect: HealthExpectation) -> list[HealthProblem]:
+        """What is not healthy now (empty: healthy). Reads only; never waits (the caller's timeouts)."""
         ...
 
 

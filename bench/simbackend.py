@@ -123,6 +123,10 @@ class SimKube:
     def delete(self, desired: DesiredCluster) -> StepResult:
         return StepResult("delete", changed=False)
 
+    def health(self, desired: DesiredCluster, expect) -> list:
+        _call("kubernetes")  # one read of the simulated API: a simulated cluster is always healthy
+        return []
+
 
 def register(registry) -> None:
     for kind in ("aws", "vsphere", "metal"):

@@ -68,6 +68,7 @@ class DesiredComponent(_Frozen):
     k8s_max: str | None = None
     protected: bool = False
     hash: str
+    health_timeout_seconds: int = 300  # the health gates' bound for its workloads (not in the hash)
 
 
 class DesiredWorkspace(_Frozen):

@@ -63,6 +63,14 @@ class PolicyDenied(PermanentError):
         super().__init__("; ".join(str(d) for d in denials))
 
 
+class GateFailed(PermanentError):
+    """A health gate or a flow's verify phase found the cluster unhealthy; names the node or object and why."""
+
+    def __init__(self, message: str, problems: list | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
 class OwnershipConflict(PermanentError):
     """A resource with our name exists but is not marked as ours: never adopted, never deleted."""
 

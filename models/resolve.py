@@ -394,7 +394,7 @@ class Resolver:
                           provides=sorted(translate.provides(comp, btype)), depends_on=sorted(self._deps(name, btype)),
                           source=tpl.key, target="infrastructure" if tpl.key == "eksAddon" else "kubernetes",
                           addon=tpl.addon, k8s_min=comp.spec.kubernetes.min, k8s_max=comp.spec.kubernetes.max,
-                          protected=protected)
+                          protected=protected, health_timeout_seconds=comp.spec.health_timeout_seconds)
             shared = None if tpl.holes else construct(DesiredComponent, objects=tpl.objects, values=tpl.values, hash=base_hash, **common)
             entry = self._templates[key] = (tpl, base_hash, common, shared)
         tpl, base_hash, common, shared = entry

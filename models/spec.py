@@ -104,6 +104,8 @@ class ComponentSpec(Spec):
     source: Source
     values: dict[str, Any] = Field(default_factory=dict)
     backends: dict[Literal["aws", "vsphere", "metal"], BackendImpl] = {}
+    # how long the health gates wait for the component's workloads to become available
+    health_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 300
 
 
 class Component(Spec):

@@ -22,11 +22,12 @@ from prefect.cache_policies import NONE as NO_CACHE
 from backends import registry
 from backends.base import StepResult, merge_observations
 from models.desired import DesiredCluster, ObservedCluster
-from models.errors import PermanentError, TransientError
+from models.errors import GateFailed, TransientError
 from models.plan import Plan, Step, minor, plan
 from models.status import Status
 
 from .blocks import connections
+from .health import expectation, wait_healthy
 from .locks import cluster_lock, install_api_guard
 from .retry import retry_options
 
@@ -34,8 +35,7 @@ from .retry import retry_options
 install_api_guard()  # every backend API call in this process honours the API limits
 
 
-class GateFailed(PermanentError):
-    """A health gate after a step did not pass."""
+__all__ = ["GateFailed"]  # re-exported: it lives in models.errors, the one error tree
 
 
 def _log():
@@ -129,7 +129,9 @@ def _apply(desired: DesiredCluster, step: Step) -> dict:
 @task(name="health-gate", task_run_name="health gate after {step.action} {step.object} on {desired.name}",
       cache_policy=NO_CACHE, **retry_options(retries=3))
 def health_gate(desired: DesiredCluster, step: Step) -> str:
-    """After an upgrade step: the API answers, nothing is in flight, the version moved. Raises GateFailed."""
+    """After an upgrade step: the API answers, nothing is in flight, the version moved, and the cluster is
+    healthy as its API shows it (``tasks.health``: nodes Ready at the kubelet version, kube-system Pods,
+    component workloads, control-plane Pods at the new version). Raises GateFailed naming what is not."""
     observed = observe_cluster.fn(desired)
     want = step.params.get("version")
     if observed.in_flight:
@@ -145,6 +147,17 @@ def health_gate(desired: DesiredCluster, step: Step) -> str:
     missing = [c.name for c in desired.components if c.name not in observed.components]
     if missing:
         raise GateFailed(f"components missing after {step.action}: {', '.join(missing)}")
+    with backend_logs():
+        wait_healthy(desired, expectation(desired, observed, step), f"{step.action} {step.object}", log=_log())
+    return "passed"
+
+
+@task(name="verify-health", task_run_name="verify health of {desired.name}", cache_policy=NO_CACHE,
+      **retry_options(retries=2))
+def verify_health(desired: DesiredCluster, observed: ObservedCluster) -> str:
+    """The verify phase of a run that changed the cluster: healthy as its Kubernetes API shows it."""
+    with backend_logs():
+        wait_healthy(desired, expectation(desired, observed), "the run", log=_log())
     return "passed"
 
 
@@ -225,11 +238,14 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
                 done.append(apply_step(desired, s, idempotency_key))
                 if s.action in ("controlPlane.upgrade", "nodePool.upgrade"):
                     health_gate(desired, s)
-            after = plan(desired, observe_cluster(desired))
+            final = observe_cluster(desired)
+            after = plan(desired, final)
         left = [s for s in after.steps if keep(s)]
         if left:
             return Outcome(desired.name, Status.FAILED, rows, done, reason="not converged after apply: " + "; ".join(map(str, left)),
                            seconds=time.monotonic() - t0)
+        if final.exists and done:
+            verify_health(desired, final)  # GateFailed: reported as failed below, naming the object
         return Outcome(desired.name, Status.CONVERGED, rows, done, drift=drift_lines(observed, p), seconds=time.monotonic() - t0)
     except Exception as e:  # noqa: BLE001 - a failed task re-raises its exception; report it, don't crash the fleet
         log.error("%s: %s: %s", desired.name, type(e).__name__, e)

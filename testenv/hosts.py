@@ -68,6 +68,7 @@ SSH_COMMON_ARGS = ("-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null 
                    "-o ServerAliveInterval=2 -o ServerAliveCountMax=2 -o LogLevel=ERROR")
 OVERLAYS = ("/etc", "/var", "/root")
 SUPERVISOR_SRC = Path(__file__).resolve().parent / "supervise.py"
+NODE_AGENT_SRC = Path(__file__).with_name("node_agent.py")
 IPTABLES_CHAIN = "FLEETWRIGHT-TESTENV"
 APT_PACKAGES = ["openssh-server"]
 
@@ -162,17 +163,24 @@ def _sign_host_key(cfg: Config, hostkey: Path, name: str, address: str) -> Path:
     return cert
 
 
-def supervisor_path(cfg: Config) -> Path:
-    """Install fw-supervise in the cache dir (shared with every host) and return its path."""
-    dst = cfg.cache_dir / "testenv" / "fw-supervise"
-    src = SUPERVISOR_SRC.read_bytes()
+def _install(src_path: Path, dst: Path) -> Path:
+    src = src_path.read_bytes()
     if not dst.exists() or dst.read_bytes() != src:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_suffix(".tmp")
+        tmp = dst.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(src)
         tmp.chmod(0o755)
         os.replace(tmp, dst)
     return dst
+
+
+def supervisor_path(cfg: Config) -> Path:
+    """Install fw-supervise in the cache dir (shared with every host) and return its path.
+
+    ``fw-node-agent`` (``testenv/node_agent.py``, the stand-in for kubelets that the supervisor path's
+    control plane starts beside its controller manager) is installed beside it."""
+    _install(NODE_AGENT_SRC, cfg.cache_dir / "testenv" / "fw-node-agent")
+    return _install(SUPERVISOR_SRC, cfg.cache_dir / "testenv" / "fw-supervise")
 
 
 # --------------------------------------------------------------------------- namespaces

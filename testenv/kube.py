@@ -23,6 +23,7 @@ import secrets
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -425,6 +426,14 @@ def _start_cp_processes(cfg: Config, name: str, st: dict[str, Any]) -> None:
         return code == 200
 
     wait_for(kcm_ready, 60, f"kube-controller-manager {name} (default service account)")
+    agent = f"kube-{name}-node-agent"
+    if not is_running(agent, cfg):  # the stand-in for kubelets (testenv/node_agent.py): Nodes Ready, Pods Running
+        tok = d / "agent.token"
+        tok.write_text(token + "\n")
+        os.chmod(tok, 0o600)
+        start_process(agent, [sys.executable, str(Path(__file__).with_name("node_agent.py")),
+                              "--server", f"https://127.0.0.1:{port}", "--token-file", str(tok), "--ca-file", ca],
+                      cfg.log(agent), cfg=cfg)
 
 
 def ensure_control_plane(cfg: Config, name: str = DEFAULT_CLUSTER) -> dict[str, Any]:
@@ -463,6 +472,7 @@ def start_control_plane(cfg: Config, name: str) -> dict[str, Any]:
 def stop_control_plane(cfg: Config, name: str) -> None:
     """Stop the apiserver and controller manager of ``name``; its data stays in etcd (fault tests)."""
     with _lock(cfg):
+        stop_process(f"kube-{name}-node-agent", cfg)
         stop_process(f"kube-{name}-controller-manager", cfg)
         stop_process(f"kube-{name}-apiserver", cfg)
     progress(f"stopped control plane {name}")
@@ -534,6 +544,7 @@ def down(cfg: Config) -> None:
     """Stop every control plane and etcd; the cluster data (etcd, certificates, tokens) is removed."""
     with _lock(cfg):
         for name in list_control_planes(cfg):
+            stop_process(f"kube-{name}-node-agent", cfg)
             stop_process(f"kube-{name}-controller-manager", cfg)
             stop_process(f"kube-{name}-apiserver", cfg)
         # also anything with a pid file but no state entry (half-made control planes)

@@ -67,7 +67,7 @@ server's own default ``TCP`` before applying, which does not change what the obj
 Layout (one module per service, as CAPA's ``pkg/cloud/services``): :mod:`.client` (one shared
 ``ApiClient`` per cluster endpoint and credentials, requests, discovery), :mod:`.apply`,
 :mod:`.drift` (field drift and ``observe``), :mod:`.inventory` (inventories, prune, remove,
-``delete``), :mod:`.drain` (cordon, drain by eviction, delete Nodes: used by the infrastructure
+``delete``), :mod:`.health` (nodes, system Pods, workloads and versions as the API shows them), :mod:`.drain` (cordon, drain by eviction, delete Nodes: used by the infrastructure
 backends before they remove a machine), :mod:`.errors`, and :mod:`.objects` (the marks and keys
 they share). ``KubeBackend`` is their composition.
 """
@@ -78,6 +78,7 @@ from .client import Client, api_client, close_clients, shared_client
 from .drain import Drainer
 from .drift import Observer, object_drift
 from .errors import StaleObject, map_error
+from .health import Health
 from .inventory import Inventory
 from .objects import (INVENTORY_KEY, INVENTORY_LABEL, SYSTEM_NAMESPACES, VERSION_ANNOTATION, group_of, prepare,
                       ref_str)
@@ -86,7 +87,7 @@ __all__ = ["KubeBackend", "api_client", "shared_client", "close_clients", "objec
            "INVENTORY_KEY", "INVENTORY_LABEL", "SYSTEM_NAMESPACES", "VERSION_ANNOTATION"]
 
 
-class KubeBackend(Applier, Observer, Inventory, Drainer, Client):
+class KubeBackend(Applier, Observer, Inventory, Drainer, Health, Client):
     """Components and workspaces in one cluster, by server-side apply (see the module docstring)."""
 
     kind = "kube"
