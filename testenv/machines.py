@@ -82,6 +82,12 @@ FIRST = 11  # machine i (1-based) gets 10.250.0.(10+i)
 SUITE = "bookworm"
 IMAGE_REPOSITORY = "registry.fleetwright.test/k8s"
 BUSYBOX_IMAGE = "registry.fleetwright.test/busybox:1.35"
+# STAND-INS for the example components' images, which cannot be had here (no registry): busybox
+# tagged with their names, whose entrypoint ignores its arguments and runs until SIGTERM, so the
+# components' Deployments really run and become Available on the machines.
+WORKLOAD_STANDINS = ("quay.io/prometheus/prometheus:v2.50.1", "quay.io/jetstack/cert-manager-controller:v1.14.4",
+                     "ghcr.io/fluxcd/source-controller:v1.2.4", "registry.k8s.io/ingress-nginx/controller:v1.10.0")
+IMAGES_REV = "2"  # bump when the image set changes: a warm cache then builds the new set
 HOST_APT = ["systemd-container", "debootstrap", "openssh-client", "iproute2"]
 # the machine's OS
 BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-apt", "iproute2",
@@ -324,7 +330,7 @@ def _sha256sums(d: Path) -> None:
 
 
 def image_dir(cfg: Config, version: str) -> Path:
-    return cache_root(cfg) / f"images-{version}"
+    return cache_root(cfg) / f"images-{version}-r{IMAGES_REV}"
 
 
 def images(cfg: Config, version: str) -> Path:
@@ -374,6 +380,10 @@ def images(cfg: Config, version: str) -> Path:
         applets = subprocess.run([str(bb), "--list"], capture_output=True, text=True, check=True).stdout.split()
         write_image(tmp / "busybox.tar", [BUSYBOX_IMAGE], {"bin/busybox": bb},
                     {f"bin/{a}": "busybox" for a in applets if a != "busybox"}, dirs=("tmp", "etc"), cmd=["sh"])
+        write_image(tmp / "workload-standins.tar", list(WORKLOAD_STANDINS), {"bin/busybox": bb},
+                    {f"bin/{a}": "busybox" for a in applets if a != "busybox"}, dirs=("tmp", "etc"),
+                    entrypoint=["/bin/sh", "-c", "trap 'exit 0' TERM; echo stand-in for $0; while :; do sleep 1; done",
+                                "fleetwright-testenv-standin"])
         for junk in ("pause", "pause.log", "kubernetes-1.20.2"):
             p = tmp / junk
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
