@@ -29,7 +29,7 @@ from models.plan import Step
 
 from .blocks import connections
 
-POLL_SECONDS = 2.0
+POLL_SECONDS = 1.0
 
 
 def default_timeout() -> float:
