@@ -81,6 +81,41 @@ def _wait_final(run_id, timeout: float):
     raise TimeoutError(f"flow run {run_id} not final after {timeout:.0f}s")
 
 
+def cpu_seconds(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        f = stat[stat.rfind(")") + 2:].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def run_timeline(fleet, shards: list) -> dict:
+    """Seconds from the fleet run's creation: when it started, when its shards were created, started, ended."""
+    t0 = fleet.created
+
+    def rel(t):
+        return round((t - t0).total_seconds(), 1) if t else None
+
+    return {"fleet_start": rel(fleet.start_time), "fleet_end": rel(fleet.end_time),
+            "shards": [{"created": rel(s.created), "start": rel(s.start_time), "end": rel(s.end_time),
+                        "state": s.state.name if s.state else None} for s in sorted(shards, key=lambda s: s.created)]}
+
+
+def read_shards(parent_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as c:
+        return c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["reconcile-shard"])),
+                                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                                    any_=[parent_id])))
+
+
 class Sampler(threading.Thread):
     """Samples RSS every second: each worker with the flow-run processes it started; the server."""
 
@@ -89,6 +124,7 @@ class Sampler(threading.Thread):
         self.stack, self.stop_flag = stack, threading.Event()
         self.peak: dict[str, float] = {}
         self.peak_run = 0.0
+        self.cpu: dict[int, float] = {}  # last CPU seconds seen of every flow-run process
 
     def run(self) -> None:
         from testenv.common import read_pid
@@ -100,7 +136,10 @@ class Sampler(threading.Thread):
                 v = rss_mb(spid) + sum(rss_mb(c) for c in _children(spid))
                 self.peak["server"] = max(self.peak.get("server", 0.0), v)
             for i, wpid in self.stack.worker_pids().items():
-                runs = [rss_mb(c) for c in _children(wpid)]
+                kids = _children(wpid)
+                runs = [rss_mb(c) for c in kids]
+                for c in kids:
+                    self.cpu[c] = max(self.cpu.get(c, 0.0), cpu_seconds(c))
                 total = rss_mb(wpid) + sum(runs)
                 self.peak[f"worker-{i}"] = max(self.peak.get(f"worker-{i}", 0.0), total)
                 self.peak_run = max([self.peak_run, *runs])
@@ -132,18 +171,19 @@ def run_size(n: int, args, cfg) -> dict:
     sampler = Sampler(stack)
     try:
         with temporary_settings(updates={PREFECT_API_URL: stack.api}):
-            parallel = args.workers * args.worker_limit - 1  # one slot runs reconcile-fleet itself
-            shard_size = math.ceil(n / parallel)
+            params = {k: v for k, v in (("shard_size", args.shard_size), ("parallel_shards", args.parallel),
+                                        ("batch_size", args.batch_size), ("max_workers", args.threads))
+                      if v is not None}  # otherwise the deployment's defaults: what a scheduled sweep does
             time.sleep(5)  # let every worker poll once
+            load_before = load_average()
             since = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 5))
             sampler.start()
             t0 = time.monotonic()
-            fr = run_deployment("reconcile-fleet/reconcile-fleet", timeout=0,
-                                parameters={"shard_size": shard_size, "parallel_shards": parallel,
-                                            "batch_size": args.batch_size, "max_workers": args.threads})
+            fr = run_deployment("reconcile-fleet/reconcile-fleet", timeout=0, parameters=params)
             fr = _wait_final(fr.id, 7200)
             seconds = time.monotonic() - t0
             ended = time.monotonic()
+            load_after = load_average()
             print(f"[sweep {n}] {fr.state.type.value}/{fr.state.name} in {seconds:.1f}s: {fr.state.message}", flush=True)
             # drain: until the server's event count stops growing (3 equal reads 1 s apart)
             last, same = -1, 0
@@ -156,6 +196,8 @@ def run_size(n: int, args, cfg) -> dict:
             sampler.stop_flag.set()
             with get_client(sync_client=True) as c:
                 final = c.read_flow_run(fr.id)
+            shards = read_shards(fr.id)
+            timeline = run_timeline(final, shards)
             flow_runs = _post(stack.api, "/flow_runs/count", {})
             task_runs = _post(stack.api, "/task_runs/count", {})
             completed_tasks = _post(stack.api, "/task_runs/count",
@@ -174,8 +216,9 @@ def run_size(n: int, args, cfg) -> dict:
            "state": f"{final.state.type.value}/{final.state.name}", "message": (final.state.message or "")[:200],
            "calls": calls, "calls_per_api": per_api, "corrected": corrected,
            "run_seconds": round(final.total_run_time.total_seconds(), 1) if final.total_run_time else None,
-           "flow_runs": flow_runs, "task_runs": task_runs, "shards": math.ceil(n / shard_size),
-           "shard_size": shard_size, "worker_rss_mb": round(max(worker_peaks.values() or [0])),
+           "flow_runs": flow_runs, "task_runs": task_runs, "shards": len(shards),
+           "load": f"{load_before} -> {load_after}", "timeline": timeline,
+           "run_cpu_seconds": round(sum(sampler.cpu.values()), 1), "worker_rss_mb": round(max(worker_peaks.values() or [0])),
            "worker_peaks_mb": {k: round(v) for k, v in worker_peaks.items()}, "largest_run_mb": round(sampler.peak_run),
            "server_rss_mb": round(sampler.peak.get("server", 0)), "drain_seconds": round(drain, 1),
            "events": sum(counts.values()),
@@ -206,8 +249,10 @@ def main() -> int:
     ap.add_argument("--drift", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--worker-limit", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the deployment's")
+    ap.add_argument("--threads", type=int, default=None, help="max_workers; default: the deployment's")
+    ap.add_argument("--shard-size", type=int, default=None, help="default: the deployment's (auto)")
+    ap.add_argument("--parallel", type=int, default=None, help="parallel_shards; default: the deployment's (auto)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     from testenv.common import Config
@@ -225,6 +270,11 @@ def main() -> int:
     return 0
 
 
+def _span(xs: list) -> list:
+    xs = [x for x in xs if x is not None]
+    return sorted({min(xs), max(xs)}) if xs else []
+
+
 def record(results: list[dict], args) -> None:
     from fleetwright.results import write_section
 
@@ -237,12 +287,17 @@ def record(results: list[dict], args) -> None:
              "Bound = max over APIs of calls x latency / allowed concurrency. Wall = submission to final state. "
              "RSS: peak of each worker plus the flow-run processes it started; server with its children. "
              "Drain: from the end of the run until the server's event count stops growing.", "",
-             "| clusters | state | wall s | bound s | ratio | API calls | corrected | shards | flow runs | task runs | "
+             "| clusters | load before -> after | state | wall s | bound s | ratio | API calls | corrected | shards | "
+             "fleet run started s | shards started s | shards ended s | flow-run CPU s | flow runs | task runs | "
              "worker peak RSS MB | largest run MB | server RSS MB | drain s | events | task Completed events / tasks |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        lines.append(f"| {r['clusters']} | {r['state']} | {r['seconds']} | {r['bound']} | {r['ratio']} | {r['calls']} | "
-                     f"{r['corrected']} | {r['shards']} | {r['flow_runs']} | {r['task_runs']} | {r['worker_rss_mb']} | "
+        tl = r["timeline"]
+        starts = "-".join(f"{x}" for x in _span([s["start"] for s in tl["shards"]])) or "-"
+        ends = "-".join(f"{x}" for x in _span([s["end"] for s in tl["shards"]])) or "-"
+        lines.append(f"| {r['clusters']} | {r['load']} | {r['state']} | {r['seconds']} | {r['bound']} | {r['ratio']} | "
+                     f"{r['calls']} | {r['corrected']} | {r['shards']} | {tl['fleet_start']} | {starts} | {ends} | "
+                     f"{r['run_cpu_seconds']} | {r['flow_runs']} | {r['task_runs']} | {r['worker_rss_mb']} | "
                      f"{r['largest_run_mb']} | {r['server_rss_mb']} | {r['drain_seconds']} | {r['events']} | "
                      f"{r['task_completed_events']} / {r['tasks_completed']} |")
     lines += ["", "Goals: ratio <= 1.5 at 2,000 and <= 2.0 at 10,000; worker RSS <= 1 GB; drain <= 60 s.", ""]

@@ -1,8 +1,11 @@
 """The scheduled fleet sweep: observe every cluster, diff, and report or correct by its drift mode.
 
-``reconcile-fleet`` splits the selected fleet into shards of ``shard_size`` clusters and runs
-each shard as its own run of the ``reconcile-shard`` deployment, so every worker of the pool
-takes part; it waits for all of them, re-submits a shard whose run crashed (its worker died),
+``reconcile-fleet`` splits the selected fleet into shards and runs each shard as its own run
+of the ``reconcile-shard`` deployment, so every worker of the pool takes part. By default there
+is one long shard per online worker of the pool (``models.shards``: each shard's clusters in
+proportion to its share of each API limit, so all end together), never shards smaller than
+``min_shard_size``: a shard run costs a flow-run process start, so a small fleet is swept in the
+fleet run itself. It waits for all of them, re-submits a shard whose run crashed (its worker died),
 and gathers one fleet summary artifact from the shards' summaries (counts plus the clusters
 that are not in sync: memory stays bounded at 10,000 clusters). A fleet no bigger than one
 shard, or a sweep not started from a deployment, runs in this flow run.
@@ -45,12 +48,13 @@ from models.errors import PermanentError, TransientError
 from models.plan import plan
 from models.policy import is_automation
 from models.resolve import Resolver, matches
+from models.shards import plan_shards
 from models.status import PROBLEMS, Status
 from tasks.blocks import connections
 from tasks.cluster import Outcome, _observe as observe_once, drift_lines, plan_rows
 from tasks.definitions import pin
 from tasks.guard import RemovalGuard, current as removal_guard, install as install_guard
-from tasks.locks import api_share, ensure_api_limits, share_of
+from tasks.locks import api_limits, api_share, ensure_api_limits, share_of
 from tasks.report import merge_summaries, publish, publish_summary, summarise
 
 from .approvals import SWEEP_TIMEOUT_SECONDS, approval_markdown, approve_held, approve_held_in_summary, correct_holding
@@ -135,9 +139,15 @@ def reconcile_batch(index: int, desired: list[DesiredCluster], dry_run: bool, id
     return in_threads(lambda d: check_one(d, dry_run, idempotency_key, pre.get(d.name), windows), desired, max_workers)
 
 
+BATCHES_AT_ONCE = 4  # the sweep flows' ThreadPoolTaskRunner
+
+
 def _sweep(desired: list[DesiredCluster], dry_run: bool, key: str, batch_size: int, max_workers: int,
-           windows=None) -> list[Outcome]:
-    futures = [reconcile_batch.submit(i, desired[i:i + batch_size], dry_run, key, max_workers, windows)
+           windows=None, slots: int = 0) -> list[Outcome]:
+    """The clusters in batch tasks. ``slots``: API slots this run holds; a cluster holds one at a time,
+    so twice as many clusters in flight keep them busy (``max_workers`` per batch at least)."""
+    threads = max(max_workers, math.ceil(2 * slots / BATCHES_AT_ONCE))
+    futures = [reconcile_batch.submit(i, desired[i:i + batch_size], dry_run, key, threads, windows)
                for i in range(0, len(desired), batch_size)]
     return [o for f in futures for o in f.result()]
 
@@ -186,7 +196,8 @@ def gate_sweep(defs, old, actor: str, names: list[str], flow: str) -> None:
 # --------------------------------------------------------------------------- one shard
 
 
-@flow(name="reconcile-shard", log_prints=True, persist_result=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="reconcile-shard", log_prints=True, persist_result=True,
+      task_runner=ThreadPoolTaskRunner(max_workers=BATCHES_AT_ONCE))
 def reconcile_shard(clusters: list[str], source: Optional[DefinitionsSource] = None, dry_run: bool = False,
                     batch_size: int = 50, max_workers: int = 8, idempotency_key: Optional[str] = None,
                     shard: str = "", api_shares: dict[str, int] = {}, now: Optional[datetime] = None,  # noqa: B006
@@ -206,7 +217,7 @@ def reconcile_shard(clusters: list[str], source: Optional[DefinitionsSource] = N
     key = run_key(idempotency_key)
     win = WindowGate(defs, flow="reconcile-shard", actor=actor, dry_run=dry_run, now=now)
     with api_share(api_shares) if api_shares else nullcontext():
-        outcomes += _sweep(desired, dry_run, key, batch_size, max_workers, win)
+        outcomes += _sweep(desired, dry_run, key, batch_size, max_workers, win, slots=sum(api_shares.values()))
     seconds = time.monotonic() - t0
     publish("reconcile-shard", outcomes, dry_run=dry_run,
             extra_md=f"Shard {shard}: {len(outcomes)} clusters in {seconds:.1f}s.\n\n{guard.markdown()}\n\n" + win.finish())
@@ -241,19 +252,57 @@ def _running_sweep():
     return older[0] if older else None
 
 
-def _run_shards(names: list[str], *, source, dry_run: bool, batch_size: int, max_workers: int, key: str,
-                shard_size: int, parallel_shards: int, shard_retries: int, apis: set[str],
-                poll_seconds: float, timeout_seconds: float, now=None, actor: str = DEFAULT_ACTOR) -> tuple[dict, list[dict]]:
+def online_workers() -> int:
+    """How many workers of this run's work pool are online (1 when unknown)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+    try:
+        with get_client(sync_client=True) as c:
+            pool = c.read_flow_run(this_run.get_id()).work_pool_name
+            if not pool:
+                return 1
+            return max(1, len(c.read_workers_for_work_pool(
+                pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))))
+    except Exception as e:  # noqa: BLE001 - sizing falls back to one shard per expected slot
+        get_run_logger().warning("could not count the pool's online workers (%s); assuming 1", e)
+        return 1
+
+
+def cut_shards(names: list[str], api_of: dict[str, str], *, shard_size: Optional[int], parallel: int,
+               min_shard_size: int) -> tuple[list[list[str]], list[dict[str, int]]]:
+    """The shards (cluster names) and each one's API shares; one shard or none: sweep in the fleet run.
+
+    ``shard_size`` given: even shards of at most that many, each holding ``1/parallel`` of every
+    API limit (more shards than ``parallel`` wait for a share). Otherwise ``parallel`` shards, but
+    none smaller than ``min_shard_size``, cut by ``models.shards.plan_shards``.
+    """
+    if shard_size is not None:
+        if shard_size <= 0 or len(names) <= shard_size:
+            return [names], []
+        n = math.ceil(len(names) / shard_size)
+        size = math.ceil(len(names) / n)  # even shards
+        chunks = [names[i:i + size] for i in range(0, len(names), size)]
+        apis = sorted({api_of[c] for c in names} | {"kubernetes"})
+        shares = {api: share_of(api, parallel) for api in apis}
+        return chunks, [shares] * len(chunks)
+    k = min(parallel, len(names) // max(1, min_shard_size))
+    if k <= 1:
+        return [names], []
+    plan = plan_shards([(c, api_of[c]) for c in names], k, {a: conc for a, (conc, _) in api_limits().items()})
+    return [s.clusters for s in plan], [s.shares for s in plan]
+
+
+def _run_shards(chunks: list[list[str]], shares: list[dict[str, int]], *, source, dry_run: bool, batch_size: int,
+                max_workers: int, key: str, shard_retries: int, poll_seconds: float, timeout_seconds: float,
+                now=None, actor: str = DEFAULT_ACTOR) -> tuple[dict, list[dict]]:
     """Run every shard as a deployment run, wait for all, re-submit crashed ones; the merged summary."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
 
     log = get_run_logger()
-    n = math.ceil(len(names) / shard_size)
-    size = math.ceil(len(names) / n)  # even shards
-    chunks = [names[i:i + size] for i in range(0, len(names), size)]
-    shares = {api: share_of(api, parallel_shards) for api in sorted(apis)}
+    names = [c for chunk in chunks for c in chunk]
     ensure_api_limits()  # made once here, not by every shard at once
     rows = [{"shard": f"{i + 1}/{len(chunks)}", "clusters": len(c), "attempts": 0, "runs": [], "state": "",
              "note": ""} for i, c in enumerate(chunks)]
@@ -264,14 +313,15 @@ def _run_shards(names: list[str], *, source, dry_run: bool, batch_size: int, max
                             idempotency_key=f"{key}-shard-{i + 1}-attempt-{rows[i]['attempts']}",
                             parameters={"clusters": chunks[i], "source": source, "dry_run": dry_run,
                                         "batch_size": batch_size, "max_workers": max_workers,
-                                        "idempotency_key": key, "shard": rows[i]["shard"], "api_shares": shares,
+                                        "idempotency_key": key, "shard": rows[i]["shard"], "api_shares": shares[i],
                                         **({"now": now.isoformat()} if now else {}),
                                         **({} if is_automation(actor) else {"actor": actor})})
         rows[i]["runs"].append(str(fr.id))
         return str(fr.id)
 
     pending = {submit(i): i for i in range(len(chunks))}
-    log.info("%d clusters in %d shards of up to %d (API shares per shard: %s)", len(names), len(chunks), size, shares)
+    log.info("%d clusters in %d shards of %s (API shares: %s)", len(names), len(chunks),
+             "/".join(str(len(c)) for c in chunks), shares)
     summaries: list[dict] = []
     deadline = time.monotonic() + timeout_seconds
     with get_client(sync_client=True) as client:
@@ -321,10 +371,11 @@ def _shards_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="reconcile-fleet", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="reconcile-fleet", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=BATCHES_AT_ONCE))
 def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSource] = None,  # noqa: B006
                     batch_size: int = 50, max_workers: int = 8, dry_run: bool = False,
-                    shard_size: int = 500, parallel_shards: int = 3, shard_retries: int = 1,
+                    shard_size: Optional[int] = None, parallel_shards: Optional[int] = None,
+                    min_shard_size: int = 500, shard_retries: int = 1,
                     shard_timeout_seconds: float = 3600.0, now: Optional[datetime] = None,
                     approval_timeout_seconds: int = SWEEP_TIMEOUT_SECONDS, actor: str = DEFAULT_ACTOR):
     """Sweep the fleet for drift in shards; report or correct each cluster by its drift mode; one summary artifact.
@@ -332,8 +383,10 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
     It observes and reports at any time; a repair waits for the cluster's maintenance window (deferred,
     with a follow-up run at the window's opening). ``now`` evaluates the windows as at that time.
 
-    ``shard_size``: clusters per shard run (0: no shards). ``parallel_shards``: how many shards are
-    expected to run at once (each holds 1/parallel_shards of every API's limit; more wait).
+    ``parallel_shards``: how many shards run at once (default: the pool's online workers, one long
+    shard each). ``min_shard_size``: fewer clusters than that per shard and the fleet run sweeps them
+    itself. ``shard_size``: instead, shards of at most that many clusters (0: no shards), each
+    holding 1/parallel_shards of every API's limit (more wait).
     ``approval_timeout_seconds``: how long the sweep waits, at its end, for a person to approve the
     destructive repairs it held (none are made without one).
 
@@ -360,13 +413,15 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
     del old
     key = run_key(None)  # a fresh key every sweep: repairs are never skipped as done
     r = Resolver(defs)
-    sharded = shard_size > 0 and len(names) > shard_size and this_deployment.id is not None
-    if sharded:
-        apis = {defs.clusters[n].spec.backend.type for n in names} | {"kubernetes"}
+    chunks: list[list[str]] = [names]
+    if this_deployment.id is not None and shard_size != 0 and len(names) > 1:
+        chunks, shares = cut_shards(names, {n: defs.clusters[n].spec.backend.type for n in names},
+                                    shard_size=shard_size, parallel=parallel_shards or online_workers(),
+                                    min_shard_size=min_shard_size)
+    if len(chunks) > 1:
         del defs, r  # the shards load their own; keep this run small
-        summary, rows = _run_shards(names, source=src, dry_run=dry_run, batch_size=batch_size,
-                                    max_workers=max_workers, key=key, shard_size=shard_size,
-                                    parallel_shards=parallel_shards, shard_retries=shard_retries, apis=apis,
+        summary, rows = _run_shards(chunks, shares, source=src, dry_run=dry_run, batch_size=batch_size,
+                                    max_workers=max_workers, key=key, shard_retries=shard_retries,
                                     poll_seconds=2.0, timeout_seconds=shard_timeout_seconds, now=now, actor=actor)
         summary, approval = approve_held_in_summary(summary, definitions=lambda: load_definitions(src)[0],
                                                     flow="reconcile-fleet", idempotency_key=key, actor=actor,
@@ -382,7 +437,7 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
         shares = {api: share_of(api, 1) for api in _apis(desired)}
         win = WindowGate(defs, flow="reconcile-fleet", actor=actor, dry_run=dry_run, now=now)
         with api_share(shares):
-            outcomes = _sweep(desired, dry_run, key, batch_size, max_workers, win)
+            outcomes = _sweep(desired, dry_run, key, batch_size, max_workers, win, slots=sum(shares.values()))
         outcomes, approval = approve_held(outcomes, definitions=lambda: defs, flow="reconcile-fleet", idempotency_key=key,
                                           timeout=approval_timeout_seconds, max_workers=max_workers, window=win.guard,
                                           actor=actor)
