@@ -375,7 +375,7 @@ def _shards_md(rows: list[dict]) -> str:
 def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSource] = None,  # noqa: B006
                     batch_size: int = 50, max_workers: int = 8, dry_run: bool = False,
                     shard_size: Optional[int] = None, parallel_shards: Optional[int] = None,
-                    min_shard_size: int = 500, shard_retries: int = 1,
+                    min_shard_size: int = 1000, shard_retries: int = 1,
                     shard_timeout_seconds: float = 3600.0, now: Optional[datetime] = None,
                     approval_timeout_seconds: int = SWEEP_TIMEOUT_SECONDS, actor: str = DEFAULT_ACTOR):
     """Sweep the fleet for drift in shards; report or correct each cluster by its drift mode; one summary artifact.

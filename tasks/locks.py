@@ -164,10 +164,16 @@ def api_limits() -> dict[str, tuple[int, float]]:
 
 
 class ApiLimiter:
-    """Per process: for each API at most ``concurrency`` calls in flight and ``rate`` calls per second."""
+    """Per process: for each API at most ``concurrency`` calls in flight and ``rate`` calls per second.
+
+    One lock, one condition per API: a call that ends wakes one waiter of its own API, not every
+    waiting thread of every API (a sweep has dozens waiting; waking all of them at each of its
+    tens of thousands of calls cost more CPU than the calls' own work).
+    """
 
     def __init__(self, limits: dict[str, tuple[int, float]]):
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._conds: dict[str, threading.Condition] = {}
         self._limits = dict(limits)
         self._in_flight: dict[str, int] = {}
         self._tokens: dict[str, float] = {}
@@ -175,11 +181,18 @@ class ApiLimiter:
         self.calls: dict[str, int] = {}
         self.peak: dict[str, int] = {}
 
+    def _cond(self, api: str) -> threading.Condition:
+        """The API's condition (under ``_lock``)."""
+        c = self._conds.get(api)
+        if c is None:
+            c = self._conds[api] = threading.Condition(self._lock)
+        return c
+
     def configure(self, api: str, concurrency: int, rate: float) -> None:
-        with self._cond:
+        with self._lock:
             self._limits[api] = (max(1, int(concurrency)), max(rate, 0.001))
             self._tokens.pop(api, None)
-            self._cond.notify_all()
+            self._cond(api).notify_all()
 
     def limit(self, api: str) -> tuple[int, float]:
         return self._limits.get(api) or self._limits.setdefault(api, (20, 10.0))
@@ -199,25 +212,25 @@ class ApiLimiter:
 
     @contextmanager
     def __call__(self, api: str):
-        with self._cond:
+        with self._lock:
+            cond = self._cond(api)
             while self._in_flight.get(api, 0) >= self.limit(api)[0]:
-                self._cond.wait()
+                cond.wait()
             self._in_flight[api] = self._in_flight.get(api, 0) + 1
+            wait = self._take_token(api)
         try:
-            while True:
-                with self._cond:
-                    wait = self._take_token(api)
-                if not wait:
-                    break
+            while wait:
                 time.sleep(wait)
-            with self._cond:
+                with self._lock:
+                    wait = self._take_token(api)
+            with self._lock:
                 self.calls[api] = self.calls.get(api, 0) + 1
                 self.peak[api] = max(self.peak.get(api, 0), self._in_flight[api])
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._in_flight[api] -= 1
-                self._cond.notify_all()
+                cond.notify()
 
 
 _limiter: ApiLimiter | None = None
