@@ -201,13 +201,14 @@ def gate_sweep(defs, old, actor: str, names: list[str], flow: str) -> None:
 def reconcile_shard(clusters: list[str], source: Optional[DefinitionsSource] = None, dry_run: bool = False,
                     batch_size: int = 50, max_workers: int = 8, idempotency_key: Optional[str] = None,
                     shard: str = "", api_shares: dict[str, int] = {}, now: Optional[datetime] = None,  # noqa: B006
-                    actor: str = DEFAULT_ACTOR):
+                    actor: str = DEFAULT_ACTOR, checked: Optional[str] = None):
     """One shard of a fleet sweep: the named clusters, under this shard's share of the API limits.
 
     Repairs wait for each cluster's maintenance window (``now``: as at that time); a deferred repair
-    gets a follow-up run of this shard at the window's opening. ``actor``: as reconcile-fleet's."""
+    gets a follow-up run of this shard at the window's opening. ``actor``: as reconcile-fleet's.
+    ``checked``: the revision the fleet run checked in full (not checked again when it is the one read)."""
     t0 = time.monotonic()
-    defs, old = load_definitions(source or default_source())
+    defs, old = load_definitions(source or default_source(), checked=checked)
     gate_sweep(defs, old, actor, [n for n in clusters if n in defs.clusters], "reconcile-shard")
     guard = install_guard(str(this_run.get_id() or ""), RemovalGuard(pin(source or default_source())[0], defs))
     r = Resolver(defs)
@@ -295,7 +296,7 @@ def cut_shards(names: list[str], api_of: dict[str, str], *, shard_size: Optional
 
 def _run_shards(chunks: list[list[str]], shares: list[dict[str, int]], *, source, dry_run: bool, batch_size: int,
                 max_workers: int, key: str, shard_retries: int, poll_seconds: float, timeout_seconds: float,
-                now=None, actor: str = DEFAULT_ACTOR) -> tuple[dict, list[dict]]:
+                now=None, actor: str = DEFAULT_ACTOR, checked: Optional[str] = None) -> tuple[dict, list[dict]]:
     """Run every shard as a deployment run, wait for all, re-submit crashed ones; the merged summary."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -314,6 +315,7 @@ def _run_shards(chunks: list[list[str]], shares: list[dict[str, int]], *, source
                             parameters={"clusters": chunks[i], "source": source, "dry_run": dry_run,
                                         "batch_size": batch_size, "max_workers": max_workers,
                                         "idempotency_key": key, "shard": rows[i]["shard"], "api_shares": shares[i],
+                                        "checked": checked,
                                         **({"now": now.isoformat()} if now else {}),
                                         **({} if is_automation(actor) else {"actor": actor})})
         rows[i]["runs"].append(str(fr.id))
@@ -406,7 +408,7 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
         return Completed(name="Skipped", message=msg, data={"skipped": msg, "running": str(other.id)})
     src = source or default_source()
     defs, old = load_definitions(src)
-    src, _ = pin(src)  # the shards read this run's commit, whatever is pushed meanwhile
+    src, rev = pin(src)  # the shards read this run's commit, whatever is pushed meanwhile
     guard = install_guard(str(this_run.get_id() or ""), RemovalGuard(src, defs))
     names = sorted(n for n, c in defs.clusters.items() if matches(c.metadata.labels, selector))
     gate_sweep(defs, old, actor, names, "reconcile-fleet")
@@ -422,7 +424,8 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
         del defs, r  # the shards load their own; keep this run small
         summary, rows = _run_shards(chunks, shares, source=src, dry_run=dry_run, batch_size=batch_size,
                                     max_workers=max_workers, key=key, shard_retries=shard_retries,
-                                    poll_seconds=2.0, timeout_seconds=shard_timeout_seconds, now=now, actor=actor)
+                                    poll_seconds=2.0, timeout_seconds=shard_timeout_seconds, now=now, actor=actor,
+                                    checked=rev.sha)
         summary, approval = approve_held_in_summary(summary, definitions=lambda: load_definitions(src)[0],
                                                     flow="reconcile-fleet", idempotency_key=key, actor=actor,
                                                     timeout=approval_timeout_seconds, max_workers=max_workers)

@@ -123,8 +123,10 @@ def pin(source: DefinitionsSource) -> tuple[DefinitionsSource, Revision]:
             pinned = Revision(redact(source.repo), source.ref, sha)
         elif source.repo:
             pinned = Revision(source.repo, source.ref, resolve_ref(source.repo, source.ref))
-        else:
-            return source, _dir_revision(source)
+        else:  # a directory cannot be pinned: its digest as this run read it (read again only if it did not)
+            with _LOCK:
+                known = _PINS.get(("dir", str(source.path or default_source().path), rid)) if rid else None
+            return source, known or _dir_revision(source)
     _remember(rid, key, pinned)
     branch = source.branch or (None if re.match(r"^[0-9a-f]{40}$", source.ref) else source.ref)
     return source.model_copy(update={"ref": pinned.sha, "branch": branch}), pinned
@@ -135,7 +137,7 @@ def _dir_revision(source: DefinitionsSource, files: Optional[dict[str, str]] = N
     files = read_tree(path) if files is None else files
     digest = hashlib.sha256("\0".join(f"{k}\0{v}" for k, v in sorted(files.items())).encode()).hexdigest()[:16]
     rev = Revision(str(path), "", f"dir:{digest}")
-    _remember(_run_id(), ("dir", str(path)), rev)
+    _remember(_run_id(), ("dir", str(path), _run_id()), rev)
     return rev
 
 
@@ -148,16 +150,19 @@ def read_files(source: DefinitionsSource, ref: str) -> dict[str, str]:
 
 
 @task(name="load-definitions", cache_policy=NO_CACHE)
-def load_definitions(source: DefinitionsSource) -> tuple[Definitions, Optional[Definitions]]:
-    """Strictly load the definitions at the run's pinned commit (and those at ``base_ref``, for the policy check)."""
+def load_definitions(source: DefinitionsSource, checked: Optional[str] = None) -> tuple[Definitions, Optional[Definitions]]:
+    """Strictly load the definitions at the run's pinned commit (and those at ``base_ref``, for the policy check).
+
+    ``checked``: the revision (commit SHA, or a directory's digest) another run already checked in
+    full; when this run reads that very revision, the fleet-wide checks are not run again."""
     if source.repo:
-        pinned, _ = pin(source)
-        new = load(read_files(pinned, pinned.ref))
+        pinned, rev = pin(source)
+        new = load(read_files(pinned, pinned.ref), checks=checked != rev.sha)
         old = load(read_files(pinned, source.base_ref)) if source.base_ref else None
         return new, old
     files = read_tree(source.path or default_source().path)
-    _dir_revision(source, files)
-    return load(files), None
+    rev = _dir_revision(source, files)
+    return load(files, checks=checked != rev.sha), None
 
 
 # --------------------------------------------------------------------------- write-back

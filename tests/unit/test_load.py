@@ -128,3 +128,13 @@ def test_every_error_collected_not_just_first(example_files):
     files = edit(example_files, "clusters/aws.yaml", "    region: us-east-1\n", "    region: us-east-1\n    colour: blue\n")
     files = edit(files, "teams/teams.yaml", "role: edit", "role: superuser")
     assert len(problems(files)) == 2
+
+
+def test_checks_off_still_validates_each_document(example_files):
+    """A shard reading the commit its fleet run checked skips the fleet-wide checks, not validation."""
+    bad_ref = edit(example_files, "clusters/aws.yaml", "model: web-standard@1.0.0", "model: web-standard@9.0.0")
+    assert problems(bad_ref)  # a fleet-wide check: found with checks on ...
+    assert load(bad_ref, checks=False).clusters  # ... and not looked for with them off
+    bad_field = edit(example_files, "clusters/aws.yaml", "    region: us-east-1\n", "    region: us-east-1\n    colour: blue\n")
+    with pytest.raises(SpecInvalid):
+        load(bad_field, checks=False)
