@@ -258,9 +258,11 @@ def main() -> int:
     from testenv.common import Config
 
     cfg = Config(state_dir=Path(os.environ.get("FLEETWRIGHT_TESTENV_DIR", "/tmp/fleetwright-bench-sweep")))
-    results = [run_size(int(s), args, cfg) for s in args.sizes.split(",")]
-    if not args.no_record:
-        record(results, args)
+    results = []
+    for s in args.sizes.split(","):
+        results.append(run_size(int(s), args, cfg))
+        if not args.no_record:  # after every size: a later one that fails keeps the earlier figures
+            record(results, args)
     from testenv import postgres
 
     postgres.down(cfg)
@@ -268,6 +270,12 @@ def main() -> int:
         print(f"sweep: clusters={r['clusters']} seconds={r['seconds']} bound={r['bound']} ratio={r['ratio']} "
               f"worker_rss_mb={r['worker_rss_mb']}")
     return 0
+
+
+def _params(args) -> str:
+    p = {"shard_size": args.shard_size, "parallel_shards": args.parallel, "batch_size": args.batch_size,
+         "max_workers": args.threads}
+    return ", ".join(f"`{k}={v}`" for k, v in p.items() if v is not None)
 
 
 def _span(xs: list) -> list:
@@ -280,13 +288,17 @@ def record(results: list[dict], args) -> None:
 
     lines = [f"Measured by `python bench/sweep.py` on {os.cpu_count()} cores (shared with other work), "
              f"{time.strftime('%Y-%m-%d')}: Prefect server on PostgreSQL (testenv `postgres`), {args.workers} process "
-             f"workers (`--limit {args.worker_limit}`), the real `reconcile-fleet` deployment sharded over "
-             f"`reconcile-shard` runs; simulated backend (bench/simbackend.py) at {args.latency_ms:.0f} ms per API call, "
+             f"workers (`--limit {args.worker_limit}`), the real `reconcile-fleet` deployment with "
+             f"{_params(args) or 'the parameters a scheduled sweep uses (its defaults)'}, sharded over "
+             f"`reconcile-shard` runs as it decides; simulated backend (bench/simbackend.py) at {args.latency_ms:.0f} ms per API call, "
              f"3 infrastructure + 3 in-cluster calls per observation, {args.drift:.0%} drift, correct mode. "
              f"API concurrency allowed: {', '.join(f'{k} {v}' for k, v in LIMITS.items())}. "
              "Bound = max over APIs of calls x latency / allowed concurrency. Wall = submission to final state. "
              "RSS: peak of each worker plus the flow-run processes it started; server with its children. "
-             "Drain: from the end of the run until the server's event count stops growing.", "",
+             "Drain: from the end of the run until the server's event count stops growing. "
+             "Timeline columns: seconds from the fleet run's creation (first-last shard). Flow-run CPU: "
+             "user+system seconds of every flow-run process (fleet run and shards). Load: the 1/5/15-minute "
+             "load average just before submission and at the end.", "",
              "| clusters | load before -> after | state | wall s | bound s | ratio | API calls | corrected | shards | "
              "fleet run started s | shards started s | shards ended s | flow-run CPU s | flow runs | task runs | "
              "worker peak RSS MB | largest run MB | server RSS MB | drain s | events | task Completed events / tasks |",
