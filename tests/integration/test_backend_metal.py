@@ -127,7 +127,7 @@ def test_second_apply_changes_nothing(env):
         assert r.changed is False, (action, r)
     TIMINGS["re-apply (3 playbooks, no changes)"] = time.monotonic() - t
     out = hosts.ssh(env["section"], CP, f"{env['section']['supervisor']} list").stdout.splitlines()
-    assert sorted(ln.split()[0] for ln in out) == ["fw-apiserver", "fw-etcd", "fw-kcm"]  # one of each
+    assert sorted(ln.split()[0] for ln in out) == ["fw-apiserver", "fw-etcd", "fw-kcm", "fw-node-agent"]  # one of each
     assert all(ln.split()[1] == "running" for ln in out)
 
 

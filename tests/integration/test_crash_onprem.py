@@ -289,7 +289,7 @@ def test_kill_at_several_points_then_resume_leaves_nothing_behind(crashy, cluste
         names = vm_names(crashy["env"]["vsphere"], cluster)
         assert names == ["dc1-web-dev-cp-0", "dc1-web-dev-general-0"], names
     procs = hosts.ssh(section, cp, f"{section['supervisor']} list").stdout.splitlines()
-    assert sorted(ln.split()[0] for ln in procs) == ["fw-apiserver", "fw-etcd", "fw-kcm"], procs
+    assert sorted(ln.split()[0] for ln in procs) == ["fw-apiserver", "fw-etcd", "fw-kcm", "fw-node-agent"], procs
     assert all(ln.split()[1] == "running" for ln in procs), procs
     wait_until(lambda: not host_sessions(crashy["cfg"], crashy["addresses"][cluster]), 60,
                f"Ansible sessions on the hosts to end: {host_sessions(crashy['cfg'], crashy['addresses'][cluster])}")

@@ -146,7 +146,7 @@ def test_retry_of_a_run_killed_in_its_playbook_resumes_the_same_run(fleet, clust
         assert names == ["dc1-web-dev-cp-0", "dc1-web-dev-general-0"], names
     cp = fleet["addresses"][cluster][0]
     procs = hosts.ssh(section, cp, f"{section['supervisor']} list").stdout.splitlines()
-    assert sorted(ln.split()[0] for ln in procs) == ["fw-apiserver", "fw-etcd", "fw-kcm"], procs
+    assert sorted(ln.split()[0] for ln in procs) == ["fw-apiserver", "fw-etcd", "fw-kcm", "fw-node-agent"], procs
     assert all(ln.split()[1] == "running" for ln in procs), procs
     wait_until(lambda: not flow_run_processes(fr.id), 120, "the retried run's process to exit", interval=1)
     assert leftovers(legacy=True) - left_before == set()
