@@ -7,9 +7,13 @@ Each sender pushes to its own branch, one new commit per delivery, so every deli
 and supersedes the sender's previous queued one; every 20th delivery carries a forged signature
 and must start nothing.
 
-Latency is timed from just before the request to the flow run's ``created`` time as the Prefect
-server recorded it (read back from the server after the run; one machine, one clock). Every
-delivery is accounted for: each accepted one has exactly one run, each forged one none.
+Latency is timed from just before the request to the flow run being visible in the Prefect API. The
+receiver answers with the run's id only after reading the run back from the API, so the moment that
+answer arrives is an upper bound of "visible" (the goal figure). A delivery answered before Prefect had
+its run ("late") counts at max(answer, created), a lower bound, and is counted apart. The run's
+``created`` time as the server recorded it is given too (it is stamped inside the bulk transaction,
+before the commit that makes the run visible: earlier than "visible"; the figure measured before).
+Every delivery is accounted for: each accepted one has exactly one run, each forged one none.
 
 Writes the "Webhook receiver" section of bench/RESULTS.md and prints, last, the line
 ``webhook: deliveries=N p50_ms=X p99_ms=Y rejected=R``.
@@ -159,11 +163,16 @@ def main() -> int:
         results = asyncio.run(send_all(f"http://127.0.0.1:{rport}"))
         wall = time.monotonic() - t
         load_after = os.getloadavg()[0]
-        # late answers (202 before Prefect answered) finish in the receiver's background: wait for them
-        deadline = time.monotonic() + 120
+        # late answers (202 before Prefect answered) finish in the receiver's background: wait for them,
+        # then for the superseding pass (it runs once the burst is over): one queued run per branch
+        deadline = time.monotonic() + 180
         want = sum(not r["forged"] for r in results)
-        while time.monotonic() < deadline and len(read_runs()) < want:
+        while time.monotonic() < deadline:
+            runs = read_runs()
+            if len(runs) >= want and sum(run.state.type.value == "SCHEDULED" for run in runs) <= SENDERS:
+                break
             time.sleep(1)
+        supersede_s = time.monotonic() - t - wall
         runs = read_runs()
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{rport}/metrics", timeout=10).read().decode()
     finally:
@@ -180,7 +189,7 @@ def main() -> int:
     by_after: dict[str, list] = {}
     for run in runs:
         by_after.setdefault(run.parameters["after"], []).append(run)
-    problems, lat_ms, answer_ms = [], [], []
+    problems, lat_ms, answer_ms, created_ms = [], [], [], []
     for r in results:
         got = by_after.get(r["after"], [])
         if r["forged"]:
@@ -190,9 +199,11 @@ def main() -> int:
         if r["status"] != 202 or len(got) != 1:
             problems.append(f"delivery {r['after'][:8]}: HTTP {r['status']} {r['body']}, {len(got)} runs")
             continue
-        created = got[0].created
-        lat_ms.append((created.timestamp() - r["t0"]) * 1000)
+        created = (got[0].created.timestamp() - r["t0"]) * 1000
+        created_ms.append(created)
         answer_ms.append(r["answer_s"] * 1000)
+        # visible in the API: the answer naming the run (the receiver read it back first); late: a lower bound
+        lat_ms.append(r["answer_s"] * 1000 if r["body"].get("flow_run_id") else max(r["answer_s"] * 1000, created))
     n = len(results)
     rejected = sum(r["status"] not in (200, 202) for r in results)
     late = sum(r["status"] == 202 and r["body"].get("flow_run_id") is None for r in results)
@@ -201,13 +212,15 @@ def main() -> int:
     accounted = n - len(problems)
     p50, p99 = (pct(lat_ms, 50), pct(lat_ms, 99)) if lat_ms else (float("nan"),) * 2
     a50, a99 = (pct(answer_ms, 50), pct(answer_ms, 99)) if answer_ms else (float("nan"),) * 2
+    c50, c99 = (pct(created_ms, 50), pct(created_ms, 99)) if created_ms else (float("nan"),) * 2
     for p in problems[:20]:
         print("PROBLEM:", p)
     print(f"senders={SENDERS} per_sender={PER_SENDER} deliveries={n} wall={wall:.1f}s ({n / wall:.0f}/s) "
           f"runs={len(runs)} queued={queued} superseded={cancelled} late_answers={late} accounted={accounted}/{n}")
-    print(f"request->run created: p50={p50:.0f}ms p99={p99:.0f}ms max={max(lat_ms, default=0):.0f}ms; "
-          f"request->answer: p50={a50:.0f}ms p99={a99:.0f}ms; load average {load_before:.1f} -> {load_after:.1f} "
-          f"(prefect server up in {server_s:.0f}s)")
+    print(f"request->run visible in the API: p50={p50:.0f}ms p99={p99:.0f}ms max={max(lat_ms, default=0):.0f}ms; "
+          f"request->run's created stamp: p50={c50:.0f}ms p99={c99:.0f}ms; "
+          f"request->answer: p50={a50:.0f}ms p99={a99:.0f}ms; superseded {supersede_s:.1f}s after the burst; "
+          f"load average {load_before:.1f} -> {load_after:.1f} (prefect server up in {server_s:.0f}s)")
     from fleetwright.results import write_section
 
     goal = "met" if p99 <= 500 and not problems else "NOT met"
@@ -220,11 +233,14 @@ def main() -> int:
         "| measure | value |", "|---|---|",
         f"| deliveries (forged: every {FORGED_EVERY}th) | {n} ({rejected} rejected with 401) |",
         f"| accounted for (accepted: exactly one run; forged: none) | {accounted}/{n} |",
-        f"| request -> flow run created, p50 / p99 / max | {p50:.0f} / {p99:.0f} / {max(lat_ms, default=0):.0f} ms |",
+        f"| request -> flow run visible in the API (goal figure), p50 / p99 / max | {p50:.0f} / {p99:.0f} / "
+        f"{max(lat_ms, default=0):.0f} ms |",
+        f"| request -> the run's `created` stamp (before its commit), p50 / p99 | {c50:.0f} / {c99:.0f} ms |",
         f"| request -> answer (202), p50 / p99 | {a50:.0f} / {a99:.0f} ms |",
         f"| answered before Prefect had the run (finished in the background) | {late} |",
         f"| throughput | {n / wall:.0f} deliveries/s ({wall:.1f} s) |",
         f"| runs created / superseded (a newer push on the branch) / still queued | {len(runs)} / {cancelled} / {queued} |",
+        f"| older runs all superseded, after the last answer | {supersede_s:.1f} s |",
         "",
         f"Goal p99 <= 500 ms with every delivery accounted for: **{goal}**.",
     ])
