@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import EXAMPLES, leftovers
+from ..conftest import leftovers
+from .conftest import EXAMPLES
 from .test_crash_onprem import host_sessions, vm_names
 from .workers import deployed_worker, flow_run_engine, flow_run_processes, read_run, wait_until
 

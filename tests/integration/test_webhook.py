@@ -316,11 +316,15 @@ def test_replayed_delivery_starts_no_run_across_replicas_and_restarts(receivers,
     wait_for(lambda: sum(outcomes()) - created0 - dup0 == 8, 240, "every delivery to be handed to Prefect")
     assert sum(r.metric("fleetwright_webhook_rejected_total", reason="dispatch_failed") for r in receivers) == 0
     assert outcomes() == (created0 + 1, dup0 + 7)
-    assert len({r.json()["flow_run_id"] for r in results} - {None}) == 1
+    # the answers that name a run (those given after Prefect answered; under load maybe none) name the same one
+    assert len({r.json()["flow_run_id"] for r in results} - {None}) <= 1
     assert len(flow_runs()) == n + 1
     # the same commit from a second hook (Gitea, its own delivery id): still that one run
     h2, body2 = push(S1, new, before=old, ref="refs/heads/release-1", provider="gitea")
-    assert rx2.post("gitea", h2, body2).json()["status"] == "duplicate"
+    dup_rx2 = rx2.metric("fleetwright_webhook_rejected_total", reason="duplicate")
+    assert rx2.post("gitea", h2, body2).json()["status"] in ("duplicate", "accepted")  # "accepted": answered late
+    wait_for(lambda: rx2.metric("fleetwright_webhook_rejected_total", reason="duplicate") == dup_rx2 + 1, 60,
+             "the second hook's delivery to be found a duplicate")
     # a restarted replica remembers (the memory is Prefect's)
     rx1.stop()
     rx1.start()
