@@ -109,6 +109,7 @@ def crashy(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluste
     """The example fleet with hosts for both clusters; connections with host-key checking on."""
     import testenv
     from backends.definitions import load_path
+    from backends.vsphere.addresses import fresh_addresses
     from models.resolve import resolve
     from testenv import hosts
     from testenv.connections import write_connections
@@ -116,7 +117,9 @@ def crashy(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluste
     root = tmp_path_factory.mktemp("kill") / "defs"
     shutil.copytree(EXAMPLES, root)
     defs = load_path(root)
-    addresses = {name: [m.address for m in resolve(defs, name).machines] for name in CLUSTERS}
+    # a metal host, or a VM's static IP from its pool, is a real SSH host here
+    addresses = {name: fresh_addresses(d) if (d := resolve(defs, name)).backend.type == "vsphere"
+                 else [m.address for m in d.machines] for name in CLUSTERS}
     for a in [a for v in addresses.values() for a in v]:
         hosts.ensure_host(testenv_config, a)
     env = testenv.read_env(testenv_config)

@@ -15,7 +15,8 @@ import boto3
 import pytest
 
 from .conftest import eks
-from .workers import deployed_worker, flow_run_processes, read_run, wait_until
+from .workers import (assert_not_redone, crashed, deployed_worker, finished_steps, flow_run_processes,
+                      retry_like_the_ui, wait_until)
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -29,10 +30,7 @@ def worker(aws_fleet, prefect_api, tmp_path_factory):
 
 
 def test_retry_of_a_crashed_run_resumes_the_same_run_without_duplicates(aws_fleet, worker):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
-    from prefect.states import AwaitingRetry
 
     from testenv.faults import aws_settings
 
@@ -48,40 +46,13 @@ def test_retry_of_a_crashed_run_resumes_the_same_run_without_duplicates(aws_flee
         pids = wait_until(lambda: flow_run_processes(fr.id), 60, "the flow run's process")
         for pid in pids:  # the flow-run process dies as an OOM kill would take it; the worker lives on
             os.kill(pid, signal.SIGKILL)
-        crashed = wait_until(lambda: (s := read_run(fr.id).state) and s.is_final() and s, 300,
-                             "the worker to report the killed run")
-        assert crashed.is_crashed() or crashed.is_failed(), crashed
-        with get_client(sync_client=True) as c:
-            first = {t.name: t for t in c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))}
-            done_before = {n for n, t in first.items() if t.state and t.state.is_completed()
-                           and not n.startswith(("observe", "health gate"))}
-            assert any(n.startswith("controlPlane.create") for n in done_before), sorted(first)
-            runs_before = read_run(fr.id).run_count
-        for _ in range(3):
-            # the UI's Retry button: the same run, Scheduled as AwaitingRetry, forced out of its final state
-            with get_client(sync_client=True) as c:
-                res = c.set_flow_run_state(fr.id, AwaitingRetry(message="Retry from the UI"), force=True)
-            assert res.status.value == "ACCEPT", res
-            done = wait_until(lambda: (s := read_run(fr.id).state) and s.is_final() and s, 900,
-                              f"the retried run to end ({worker['log'].read_text()[-2000:]})", interval=2)
-            # a late second crash report of the killed attempt can land on the retry before it ran
-            # (the run never started again: run_count unchanged); press Retry again, as a person would
-            if not (done.is_crashed() and read_run(fr.id).run_count == runs_before):
-                break
+        crashed(fr.id)
+        first, done_before = finished_steps(fr.id)
+        assert any(n.startswith("controlPlane.create") for n in done_before), sorted(first)
+        retry_like_the_ui(fr.id, worker["log"])
     finally:
         aws_settings(aws_fleet["aws"], create_seconds=0)
-    run = read_run(fr.id)
-    assert done.is_completed(), (done, worker["log"].read_text()[-3000:])
-    assert run.run_count >= 2, run.run_count  # the same flow run ran twice: no new run was made
-    with get_client(sync_client=True) as c:
-        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
-    # a step the dead attempt finished was not carried out again: its second task run is a cache hit
-    by_name: dict[str, list] = {}
-    for t in tasks:
-        by_name.setdefault(t.name, []).append(t)
-    for name in done_before:
-        again = [t for t in by_name[name] if t.id != first[name].id]
-        assert all(t.state.name == "Cached" for t in again), (name, [t.state.name for t in again])
+    assert_not_redone(fr.id, first, done_before)
 
     # one of everything, counted where duplicates can exist: VPCs and subnets by our tag
     assert api.list_clusters()["clusters"].count("fw-canary") == 1

@@ -26,7 +26,8 @@ import pytest
 from ..conftest import leftovers
 from .conftest import EXAMPLES
 from .test_crash_onprem import host_sessions, vm_names
-from .workers import deployed_worker, flow_run_engine, flow_run_processes, read_run, wait_until
+from .workers import (assert_not_redone, crashed, deployed_worker, finished_steps, flow_run_engine,
+                      flow_run_processes, read_run, retry_like_the_ui, wait_until)
 
 pytestmark = pytest.mark.timeout(1500)
 CLUSTERS = ("edge-lab-01", "dc1-web-dev")  # metal, vSphere
@@ -37,6 +38,7 @@ def fleet(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluster
     """The example fleet with hosts for both clusters, connections with host-key checking on, and a worker."""
     import testenv
     from backends.definitions import load_path
+    from backends.vsphere.addresses import fresh_addresses
     from models.resolve import resolve
     from testenv import hosts
     from testenv.connections import write_connections
@@ -44,7 +46,9 @@ def fleet(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluster
     root = tmp_path_factory.mktemp("retry") / "defs"
     shutil.copytree(EXAMPLES, root)
     defs = load_path(root)
-    addresses = {name: [m.address for m in resolve(defs, name).machines] for name in CLUSTERS}
+    # a metal host, or a VM's static IP from its pool, is a real SSH host here
+    addresses = {name: fresh_addresses(d) if (d := resolve(defs, name)).backend.type == "vsphere"
+                 else [m.address for m in d.machines] for name in CLUSTERS}
     for a in [a for v in addresses.values() for a in v]:
         hosts.ensure_host(testenv_config, a)
     env = testenv.read_env(testenv_config)
@@ -90,10 +94,7 @@ def in_playbook(run_id, playbook: str) -> bool:
 
 @pytest.mark.parametrize("cluster", CLUSTERS)
 def test_retry_of_a_run_killed_in_its_playbook_resumes_the_same_run(fleet, cluster):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
-    from prefect.states import AwaitingRetry
 
     from testenv import hosts
 
@@ -110,35 +111,11 @@ def test_retry_of_a_run_killed_in_its_playbook_resumes_the_same_run(fleet, clust
                f"the killed run's processes to end: {[cmdline(p) for p in flow_run_processes(fr.id)]}")
     wait_until(lambda: not host_sessions(fleet["cfg"], fleet["addresses"][cluster]), 120,
                f"Ansible sessions on the hosts to end: {host_sessions(fleet['cfg'], fleet['addresses'][cluster])}")
-    crashed = wait_until(lambda: (s := read_run(fr.id).state) and s.is_final() and s, 300,
-                         "the worker to report the killed run")
-    assert crashed.is_crashed() or crashed.is_failed(), crashed
-    with get_client(sync_client=True) as c:
-        first = {t.name: t for t in c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))}
-    done_before = {n for n, t in first.items() if t.state and t.state.is_completed()
-                   and not n.startswith(("observe", "health gate"))}
+    crashed(fr.id)
+    first, done_before = finished_steps(fr.id)
     assert any(n.startswith("infrastructure.ensure") for n in done_before), sorted(first)
-    runs_before = read_run(fr.id).run_count
-    for _ in range(3):
-        # the UI's Retry button: the same run, Scheduled as AwaitingRetry, forced out of its final state
-        with get_client(sync_client=True) as c:
-            res = c.set_flow_run_state(fr.id, AwaitingRetry(message="Retry from the UI"), force=True)
-        assert res.status.value == "ACCEPT", res
-        done = wait_until(lambda: (s := read_run(fr.id).state) and s.is_final() and s, 900,
-                          f"the retried run to end ({fleet['log'].read_text()[-2000:]})", interval=2)
-        # a late second crash report of the killed attempt can land on the retry before it ran
-        if not (done.is_crashed() and read_run(fr.id).run_count == runs_before):
-            break
-    assert done.is_completed(), (done, fleet["log"].read_text()[-3000:])
-    assert read_run(fr.id).run_count >= 2  # the same flow run ran again: no new run was made
-    with get_client(sync_client=True) as c:
-        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
-    by_name: dict[str, list] = {}
-    for t in tasks:
-        by_name.setdefault(t.name, []).append(t)
-    for name in done_before:  # finished by the dead attempt: not carried out again
-        again = [t for t in by_name[name] if t.id != first[name].id]
-        assert all(t.state.name == "Cached" for t in again), (name, [t.state.name for t in again])
+    retry_like_the_ui(fr.id, fleet["log"])
+    assert_not_redone(fr.id, first, done_before)
 
     # one of everything, counted where duplicates can exist
     section = fleet["env"]["hosts"]

@@ -113,3 +113,59 @@ def deployed_worker(prefect_api: str, deployments: list[str], log_path: Path, en
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
+
+
+def finished_steps(run_id) -> tuple[dict, set[str]]:
+    """The run's task runs by name, and the names of the lifecycle steps it finished (not observations or gates)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as c:
+        first = {t.name: t for t in c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))}
+    done = {n for n, t in first.items() if t.state and t.state.is_completed()
+            and not n.startswith(("observe", "health gate", "verify"))}
+    return first, done
+
+
+def crashed(run_id):
+    """The killed run's final state, once its worker has reported it (Crashed, or Failed)."""
+    state = wait_until(lambda: (s := read_run(run_id).state) and s.is_final() and s, 300,
+                       "the worker to report the killed run")
+    assert state.is_crashed() or state.is_failed(), state
+    return state
+
+
+def retry_like_the_ui(run_id, log_path: Path):
+    """What the UI's Retry button does: the same run, Scheduled as AwaitingRetry, forced out of its final state;
+    returns the retried run's final state. A late second crash report of the killed attempt can land on the
+    retry before it ran (run_count unchanged): Retry is pressed again then, as a person would."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import AwaitingRetry
+
+    runs_before = read_run(run_id).run_count
+    for _ in range(3):
+        with get_client(sync_client=True) as c:
+            res = c.set_flow_run_state(run_id, AwaitingRetry(message="Retry from the UI"), force=True)
+        assert res.status.value == "ACCEPT", res
+        done = wait_until(lambda: (s := read_run(run_id).state) and s.is_final() and s, 900,
+                          f"the retried run to end ({log_path.read_text()[-2000:]})", interval=2)
+        if not (done.is_crashed() and read_run(run_id).run_count == runs_before):
+            break
+    assert done.is_completed(), (done, log_path.read_text()[-3000:])
+    assert read_run(run_id).run_count >= 2  # the same flow run ran again: no new run was made
+    return done
+
+
+def assert_not_redone(run_id, first: dict, done_before: set[str]) -> None:
+    """Each step the dead attempt finished was not carried out again: its later task runs are cache hits."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as c:
+        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    by_name: dict[str, list] = {}
+    for t in tasks:
+        by_name.setdefault(t.name, []).append(t)
+    for name in done_before:
+        again = [t for t in by_name[name] if t.id != first[name].id]
+        assert all(t.state.name == "Cached" for t in again), (name, [t.state.name for t in again])
