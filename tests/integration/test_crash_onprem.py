@@ -19,6 +19,8 @@ process on the hosts, no leftover key files or scratch directories.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -32,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import EXAMPLES
+from .workers import wait_until as _wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ("edge-lab-01", "dc1-web-dev")
@@ -39,14 +42,7 @@ ALLOWED_ON_HOSTS = ("/usr/sbin/sshd -D", "fw-supervise", "/etcd", "kube-apiserve
                     "boot.sh")
 
 
-def wait_until(cond, seconds: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"not within {seconds:.0f}s: {what}")
+wait_until = functools.partial(_wait_until, interval=0.1)  # this module polls fast: short kill windows
 
 
 def cmdline(pid: int) -> str:
@@ -104,9 +100,11 @@ def host_sessions(cfg, addresses) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def crashy(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluster, prefect_api):
-    """The example fleet with hosts for both clusters; connections with host-key checking on."""
+@contextlib.contextmanager
+def onprem_fleet(root: Path, testenv_config, clusters, extra_env: dict | None = None):
+    """The example fleet copied to ``root``, an SSH host for every machine of ``clusters`` (a metal host, or a
+    VM's static IP from its pool), connections with host-key checking on, and the environment pointing at them;
+    hosts removed and the environment restored on exit."""
     import testenv
     from backends.definitions import load_path
     from backends.vsphere.addresses import fresh_addresses
@@ -114,41 +112,49 @@ def crashy(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluste
     from testenv import hosts
     from testenv.connections import write_connections
 
-    root = tmp_path_factory.mktemp("kill") / "defs"
     shutil.copytree(EXAMPLES, root)
     defs = load_path(root)
-    # a metal host, or a VM's static IP from its pool, is a real SSH host here
     addresses = {name: fresh_addresses(d) if (d := resolve(defs, name)).backend.type == "vsphere"
-                 else [m.address for m in d.machines] for name in CLUSTERS}
+                 else [m.address for m in d.machines] for name in clusters}
     for a in [a for v in addresses.values() for a in v]:
         hosts.ensure_host(testenv_config, a)
     env = testenv.read_env(testenv_config)
     conns = write_connections(root.parent / "connections.json", env)
     assert json.loads(conns.read_text())["ssh"]["known_hosts_file"]  # host keys are checked, as in production
-    saved = {k: os.environ.get(k) for k in ("FLEETWRIGHT_CONNECTIONS", "FLEETWRIGHT_USE_BLOCKS",
-                                            "FLEETWRIGHT_RETRY_BASE_SECONDS")}
-    os.environ.update({"FLEETWRIGHT_CONNECTIONS": str(conns), "FLEETWRIGHT_USE_BLOCKS": "0",
-                       "FLEETWRIGHT_RETRY_BASE_SECONDS": "0.2"})
+    settings = {"FLEETWRIGHT_CONNECTIONS": str(conns), "FLEETWRIGHT_USE_BLOCKS": "0",
+                "FLEETWRIGHT_RETRY_BASE_SECONDS": "0.2", **(extra_env or {})}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     from tasks.blocks import connections
 
     connections.cache_clear()
-    yield {"root": root, "defs": defs, "addresses": addresses, "env": env, "cfg": testenv_config}
-    from flows.lifecycle import decommission_cluster
-    from tasks.definitions import DefinitionsSource
+    try:
+        yield {"root": root, "defs": defs, "addresses": addresses, "env": env, "cfg": testenv_config}
+    finally:
+        for a in [a for v in addresses.values() for a in v]:
+            hosts.remove_host(testenv_config, a)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        connections.cache_clear()
 
-    for name in CLUSTERS:
-        try:
-            decommission_cluster(cluster=name, confirm=name, source=DefinitionsSource(path=str(root)), actor="alice")
-        except Exception:  # noqa: BLE001 - best effort: the hosts are removed below anyway
-            pass
-    for a in [a for v in addresses.values() for a in v]:
-        hosts.remove_host(testenv_config, a)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    connections.cache_clear()
+
+@pytest.fixture(scope="module")
+def crashy(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluster, prefect_api):
+    """The example fleet with hosts for both clusters; connections with host-key checking on."""
+    with onprem_fleet(tmp_path_factory.mktemp("kill") / "defs", testenv_config, CLUSTERS) as fleet:
+        yield fleet
+        from flows.lifecycle import decommission_cluster
+        from tasks.definitions import DefinitionsSource
+
+        for name in CLUSTERS:
+            try:
+                decommission_cluster(cluster=name, confirm=name, source=DefinitionsSource(path=str(fleet["root"])),
+                                     actor="alice")
+            except Exception:  # noqa: BLE001 - best effort: the hosts are removed below anyway
+                pass
 
 
 def start_run(crashy, cluster: str, key: str, log: Path) -> subprocess.Popen:

@@ -15,17 +15,13 @@ flow-run process alone is killed, as the OOM killer would take it. Then:
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-from pathlib import Path
 
 import pytest
 
 from ..conftest import leftovers
-from .conftest import EXAMPLES
-from .test_crash_onprem import host_sessions, vm_names
+from .test_crash_onprem import cmdline, host_sessions, onprem_fleet, vm_names
 from .workers import (assert_not_redone, crashed, deployed_worker, finished_steps, flow_run_engine,
                       flow_run_processes, read_run, retry_like_the_ui, wait_until)
 
@@ -36,53 +32,11 @@ CLUSTERS = ("edge-lab-01", "dc1-web-dev")  # metal, vSphere
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, testenv_config, vsphere_env, ssh_hosts, kube_cluster, prefect_api):
     """The example fleet with hosts for both clusters, connections with host-key checking on, and a worker."""
-    import testenv
-    from backends.definitions import load_path
-    from backends.vsphere.addresses import fresh_addresses
-    from models.resolve import resolve
-    from testenv import hosts
-    from testenv.connections import write_connections
-
-    root = tmp_path_factory.mktemp("retry") / "defs"
-    shutil.copytree(EXAMPLES, root)
-    defs = load_path(root)
-    # a metal host, or a VM's static IP from its pool, is a real SSH host here
-    addresses = {name: fresh_addresses(d) if (d := resolve(defs, name)).backend.type == "vsphere"
-                 else [m.address for m in d.machines] for name in CLUSTERS}
-    for a in [a for v in addresses.values() for a in v]:
-        hosts.ensure_host(testenv_config, a)
-    env = testenv.read_env(testenv_config)
-    conns = write_connections(root.parent / "connections.json", env)
-    assert json.loads(conns.read_text())["ssh"]["known_hosts_file"]  # host keys are checked, as in production
-    keys = ("FLEETWRIGHT_CONNECTIONS", "FLEETWRIGHT_USE_BLOCKS", "FLEETWRIGHT_RETRY_BASE_SECONDS",
-            "FLEETWRIGHT_LOCK_LEASE_SECONDS")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({"FLEETWRIGHT_CONNECTIONS": str(conns), "FLEETWRIGHT_USE_BLOCKS": "0",
-                       "FLEETWRIGHT_RETRY_BASE_SECONDS": "0.2", "FLEETWRIGHT_LOCK_LEASE_SECONDS": "30"})
-    from tasks.blocks import connections
-
-    connections.cache_clear()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    try:
-        with deployed_worker(prefect_api, ["create-cluster"], log) as proc:
-            yield {"root": root, "addresses": addresses, "env": env, "cfg": testenv_config, "worker": proc,
-                   "log": log}
-    finally:
-        for a in [a for v in addresses.values() for a in v]:
-            hosts.remove_host(testenv_config, a)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        connections.cache_clear()
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    with onprem_fleet(tmp_path_factory.mktemp("retry") / "defs", testenv_config, CLUSTERS,
+                      {"FLEETWRIGHT_LOCK_LEASE_SECONDS": "30"}) as fleet, \
+            deployed_worker(prefect_api, ["create-cluster"], log) as proc:
+        yield fleet | {"worker": proc, "log": log}
 
 
 def in_playbook(run_id, playbook: str) -> bool:
