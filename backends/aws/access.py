@@ -26,6 +26,7 @@ from .common import _owned
 
 ROLE_POLICIES = {"view": "AmazonEKSViewPolicy", "edit": "AmazonEKSEditPolicy", "admin": "AmazonEKSAdminPolicy"}
 ADMIN_POLICY = "AmazonEKSClusterAdminPolicy"
+_CALLERS: dict[tuple, str | None] = {}  # identity -> its principal (an identity's ARN does not change)
 
 
 def principal_of(caller_arn: str) -> str | None:
@@ -48,11 +49,15 @@ class AccessService:
         return f"arn:{self._partition(self._region(desired))}:eks::aws:cluster-access-policy/{name}"
 
     def _caller(self, desired: DesiredCluster) -> str | None:
-        key = ("caller", self._region(desired))
-        if key not in self._cache:
-            arn = self._call("sts", self._region(desired), "get_caller_identity").get("Arn") or ""
-            self._cache[key] = principal_of(arn)
-        return self._cache[key]
+        """Who fleetwright runs as: asked once per process and identity (every cluster's observation needs it)."""
+        from .clients import _conn_key
+
+        t = self._region(desired)
+        key = (t.credentials, t.role_arn, t.external_id) + _conn_key(self._connection(t.credentials))
+        if key not in _CALLERS:
+            arn = self._call("sts", t, "get_caller_identity").get("Arn") or ""
+            _CALLERS[key] = principal_of(arn)
+        return _CALLERS[key]
 
     def _wanted_access(self, desired: DesiredCluster) -> dict[str, dict[str, Any]]:
         """principal ARN -> {"groups": [...], "policies": {policy ARN: access scope}}."""

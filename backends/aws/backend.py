@@ -13,13 +13,14 @@ from .clients import Clients
 from .common import CLUSTER_POLICIES, NODE_POLICIES, TRANSITIONAL
 from .eks import EksService
 from .iam import IamService
+from .listing import ListingService
 from .network import NetworkService
 from .nodegroups import NodegroupService
 
 
-class AwsBackend(Clients, NetworkService, IamService, EksService, NodegroupService, AddonService, CleanupService,
-                 AccessService):
-    """``InfrastructureBackend`` for AWS EKS (see backends/CONTRACT.md)."""
+class AwsBackend(Clients, ListingService, NetworkService, IamService, EksService, NodegroupService, AddonService,
+                 CleanupService, AccessService):
+    """``InfrastructureBackend`` for AWS EKS (see backends/CONTRACT.md); a ``BatchObserver`` (listing.py)."""
 
     kind = "aws"
     cluster_policies: tuple[str, ...] = CLUSTER_POLICIES

@@ -85,7 +85,6 @@ class Clients:
         self.connections = connections
         self.aws = connections.aws
         self._lock = _LOCK
-        self._cache: dict[Any, Any] = {}  # answers that do not change for this backend's life (caller identity)
 
     # -- SDK ----------------------------------------------------------------------------------
     def _connection(self, credentials: str | None):

@@ -46,8 +46,12 @@ class NetworkService:
             found = (r or {}).get("Vpcs") or []
             return found[0] if found else None
         name = f"fw-{desired.name}"
-        r = self._call("ec2", region, "describe_vpcs", Filters=[{"Name": "tag:Name", "Values": [name]}])
-        vpcs = sorted(r.get("Vpcs", []), key=lambda v: v["VpcId"])
+        listing = self._listing(desired)
+        if listing is not None:  # observe_many's listing of the batch (backends/aws/listing.py)
+            found = listing.vpcs_by_name.get(name, [])
+        else:
+            found = self._call("ec2", region, "describe_vpcs", Filters=[{"Name": "tag:Name", "Values": [name]}]).get("Vpcs", [])
+        vpcs = sorted(found, key=lambda v: v["VpcId"])
         ours = [v for v in vpcs if _owned(_ec2_tags(v.get("Tags")), desired.name)]
         if not ours and vpcs:
             raise OwnershipConflict(f"VPC {vpcs[0]['VpcId']} named {name} is not marked as fleetwright's "
@@ -80,11 +84,14 @@ class NetworkService:
 
     def _zones(self, desired: DesiredCluster) -> list[str]:
         """The region's zones (available, of type availability-zone: no Local or Wavelength zones), by name."""
-        region = self._region(desired)
-        r = self._call("ec2", region, "describe_availability_zones",
-                       Filters=[{"Name": "state", "Values": ["available"]},
-                                {"Name": "zone-type", "Values": ["availability-zone"]}])
-        return sorted(z["ZoneName"] for z in r.get("AvailabilityZones", [])
+        region, listing = self._region(desired), self._listing(desired)
+        if listing is not None:
+            zones = listing.zones
+        else:
+            zones = self._call("ec2", region, "describe_availability_zones",
+                               Filters=[{"Name": "state", "Values": ["available"]},
+                                        {"Name": "zone-type", "Values": ["availability-zone"]}]).get("AvailabilityZones", [])
+        return sorted(z["ZoneName"] for z in zones
                       if z.get("ZoneType", "availability-zone") == "availability-zone"
                       and z.get("State", "available") == "available"
                       and z.get("OptInStatus", "opt-in-not-required") in ("opt-in-not-required", "opted-in"))
@@ -111,9 +118,13 @@ class NetworkService:
                 + [("public", names[i], str(blocks[half + i])) for i in range(n)])
 
     def _our_subnets(self, desired: DesiredCluster, vpc_id: str, conflicts: list[str] | None = None) -> list[dict[str, Any]]:
-        r = self._call("ec2", self._region(desired), "describe_subnets",
-                       Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])
-        found = self._named("subnet", r.get("Subnets", []), desired.name, "SubnetId", conflicts)
+        listing = self._listing(desired)
+        if listing is not None and listing.covers(vpc_id):
+            items = listing.subnets[vpc_id]
+        else:
+            items = self._call("ec2", self._region(desired), "describe_subnets",
+                               Filters=[{"Name": "vpc-id", "Values": [vpc_id]}]).get("Subnets", [])
+        found = self._named("subnet", items, desired.name, "SubnetId", conflicts)
         return sorted(found.values(), key=lambda s: (self._role_of(s), s["AvailabilityZone"]))
 
     @staticmethod
@@ -128,11 +139,15 @@ class NetworkService:
         region, vpc_id, c = self._region(desired), vpc["VpcId"], desired.name
         in_vpc = [{"Name": "vpc-id", "Values": [vpc_id]}]
         subnets = self._our_subnets(desired, vpc_id, conflicts)
-        igws = self._call("ec2", region, "describe_internet_gateways",
-                          Filters=[{"Name": "tag:Name", "Values": [f"fw-{c}"]}]).get("InternetGateways", [])
-        nats = [n for n in self._call("ec2", region, "describe_nat_gateways", Filter=in_vpc).get("NatGateways", [])
-                if n.get("State") not in _NAT_GONE]
-        tables = self._call("ec2", region, "describe_route_tables", Filters=in_vpc).get("RouteTables", [])
+        listing = self._listing(desired)
+        if listing is not None and listing.covers(vpc_id):
+            igws, nats, tables = listing.igws_by_name.get(f"fw-{c}", []), listing.nats[vpc_id], listing.tables[vpc_id]
+        else:
+            igws = self._call("ec2", region, "describe_internet_gateways",
+                              Filters=[{"Name": "tag:Name", "Values": [f"fw-{c}"]}]).get("InternetGateways", [])
+            nats = self._call("ec2", region, "describe_nat_gateways", Filter=in_vpc).get("NatGateways", [])
+            tables = self._call("ec2", region, "describe_route_tables", Filters=in_vpc).get("RouteTables", [])
+        nats = [n for n in nats if n.get("State") not in _NAT_GONE]
         return {"subnets": subnets,
                 "igw": self._named("internet gateway", igws, c, "InternetGatewayId", conflicts).get(f"fw-{c}"),
                 "nats": self._named("NAT gateway", nats, c, "NatGatewayId", conflicts),

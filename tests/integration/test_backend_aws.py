@@ -405,6 +405,47 @@ def test_spec_tags_zones_and_instance_types(env):
     assert len(tagsets) == 19 and all(want.items() <= t.items() for t in tagsets)
 
 
+# --------------------------------------------------------------------------- 3b: many clusters at once
+
+EC2_LISTINGS = ("ec2:DescribeVpcs", "ec2:DescribeSubnets", "ec2:DescribeInternetGateways", "ec2:DescribeNatGateways",
+                "ec2:DescribeRouteTables", "ec2:DescribeAvailabilityZones")
+
+
+def test_observe_many_reads_ec2_in_one_listing_per_kind(env, backend, desired):
+    """observe_many answers exactly what observe does for each cluster (one converged, one with a half-built VPC, one
+    absent, one whose VPC name a foreign VPC holds), with one EC2 listing per kind for the whole batch."""
+    ds = {n: desired.model_copy(update={"name": n}) for n in (NAME, "many-b", "many-c", "many-d")}
+    converge(backend, ds[NAME])
+    vpc = boto(env, "ec2").create_vpc(CidrBlock="10.90.0.0/16", TagSpecifications=[{"ResourceType": "vpc", "Tags": [
+        {"Key": "Name", "Value": "fw-many-b"}, {"Key": OWNER_KEY, "Value": OWNER_VALUE},
+        {"Key": CLUSTER_KEY, "Value": "many-b"}]}])["Vpc"]["VpcId"]  # ours, nothing else in it yet
+    boto(env, "ec2").create_vpc(CidrBlock="10.91.0.0/16", TagSpecifications=[{"ResourceType": "vpc", "Tags": [
+        {"Key": "Name", "Value": "fw-many-d"}]}])  # not ours
+    one_by_one = {}
+    aws_calls(env, clear=True)
+    for n, d in ds.items():
+        try:
+            one_by_one[n] = make_backend(env).observe(d)
+        except OwnershipConflict as e:
+            one_by_one[n] = e
+    single = aws_calls(env)
+    aws_calls(env, clear=True)
+    many = make_backend(env).observe_many(list(ds.values()))
+    batched = aws_calls(env)
+    assert set(many) == set(ds)
+    for n in (NAME, "many-b", "many-c"):
+        assert many[n] == one_by_one[n], n
+    assert one_by_one[NAME].exists and one_by_one[NAME].infrastructure
+    assert not one_by_one["many-b"].infrastructure and not one_by_one["many-c"].exists
+    assert isinstance(many["many-d"], OwnershipConflict) and str(many["many-d"]) == str(one_by_one["many-d"])
+    for op in EC2_LISTINGS:  # one page each here; one by one it was one call per cluster that has a VPC
+        assert batched.get(op, 0) == 1, (op, batched)
+    assert single["ec2:DescribeVpcs"] == 4 and single["ec2:DescribeSubnets"] == 2, single
+    assert sum(batched.values()) < sum(single.values()), (batched, single)
+    assert not batched.get("sts:GetCallerIdentity"), batched  # asked once per process and identity
+    boto(env, "ec2").delete_vpc(VpcId=vpc)
+
+
 # --------------------------------------------------------------------------- 4: delete
 
 def test_delete_leaves_nothing(env, backend, desired):

@@ -5,8 +5,8 @@ One story over three EKS clusters (moto + a real kube-apiserver each), run throu
 a rollout creates them; a sharded sweep corrects one, reports one (state ``Drift``, events read
 back from the server) while the API limit bounds the concurrent AWS calls; a second sweep is
 not queued behind it; a worker killed mid-sweep takes only its shard down (re-run, summary says
-so); a worker killed while submitting a sweep does not block the next one; no "database is
-locked" anywhere.
+so); a worker killed while submitting a sweep, or while running one, does not block the next one
+(the automations crash the run, which frees the deployment's slot); no "database is locked" anywhere.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ spec:
 """
 FLEET = {"d-a": ("correct", "10.71.0.0/16"), "d-b": ("correct", "10.72.0.0/16"), "d-c": ("report", "10.73.0.0/16")}
 AWS_LIMIT = 2  # fleet-wide concurrent AWS API calls
+ZOMBIE_SECONDS, UNSTARTED_SECONDS = 90, 240  # the automations' windows here (the README's defaults: 120, 300)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def dist(tmp_path_factory, testenv_config, kube_factory, _aws_session, postgres_
            "FLEETWRIGHT_RETRY_BASE_SECONDS": "0.05", "FLEETWRIGHT_LOCK_LEASE_SECONDS": "60",
            "FLEETWRIGHT_API_LIMITS": f"aws={AWS_LIMIT}:200,kubernetes=50:500"}
     stack = Stack(testenv_config, f"dist{run}", workers=3, worker_limit=2, env=env,
-                  automation_settings={"ZOMBIE_SECONDS": "90", "UNSTARTED_SECONDS": "240"})
+                  automation_settings={"ZOMBIE_SECONDS": str(ZOMBIE_SECONDS),
+                                       "UNSTARTED_SECONDS": str(UNSTARTED_SECONDS)})
     old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", *env)}
     try:
         stack.start()
@@ -213,7 +215,27 @@ def test_3_no_backlog_of_sweeps(dist):
         aws_clear_faults(dist["aws"])
 
 
-@pytest.mark.heavy  # failed on a loaded machine (sweep not done in 420 s); unproven
+def worker_running(run_id, stack) -> tuple | None:
+    """(run, the worker whose process runs it) once the run has a process on one of the stack's workers."""
+    fr = read_run(run_id)
+    if fr.infrastructure_pid:
+        w = stack.worker_of(int(str(fr.infrastructure_pid).rsplit(":", 1)[-1]))
+        if w is not None:
+            return fr, w
+    return None
+
+
+def final(run_id, timeout: float, what: str):
+    return wait_until(lambda: (s := read_run(run_id).state).is_final() and s, timeout, what, interval=2)
+
+
+# How long an automation takes to crash a dead run: its window after the run's last event (a heartbeat comes every
+# 30 s), then the server's proactive evaluation, with a generous margin for a loaded machine.
+CRASH_BOUND = ZOMBIE_SECONDS + 30 + 180
+UNSTARTED_BOUND = UNSTARTED_SECONDS + 240
+
+
+@pytest.mark.heavy  # about 4 minutes (a killed shard is crashed 60-90 s after its last heartbeat, then re-run)
 def test_4_worker_killed_mid_sweep_takes_only_its_shard_down(dist):
     from prefect.deployments import run_deployment
 
@@ -221,53 +243,91 @@ def test_4_worker_killed_mid_sweep_takes_only_its_shard_down(dist):
 
     stack = dist["stack"]
     aws_fault(dist["aws"], service="*", action="*", status=0, latency_ms=1500)  # shards run long enough to kill one
+    worker = None
     try:
         fr = run_deployment("reconcile-fleet/reconcile-fleet",
                             parameters={"selector": {"tier": "dist"}, "shard_size": 1}, timeout=0)
+        _, fleet_worker = wait_until(lambda: worker_running(fr.id, stack), 300, "the sweep to run on a worker")
 
-        def running_shard():
+        def running_shard():  # on another worker than the fleet run's: only the shard dies
             for s in shard_runs(fr.id):
-                if s.state.is_running() and s.infrastructure_pid:
-                    worker = stack.worker_of(int(str(s.infrastructure_pid).rsplit(":", 1)[-1]))
-                    if worker is not None:
-                        return s, worker
+                if s.state.is_running() and (found := worker_running(s.id, stack)) and found[1] != fleet_worker:
+                    return found
             return None
 
-        shard, worker = wait_until(running_shard, 180, "a shard running on a worker")
+        shard, worker = wait_until(running_shard, 300, "a shard running on another worker than the sweep's")
         stack.kill_worker(worker)
-        final = wait_until(lambda: (s := read_run(fr.id).state).is_final() and s, 420, "the sweep to end", interval=2)
     finally:
-        aws_clear_faults(dist["aws"])
-        stack.start_worker(worker)
-    killed = read_run(shard.id).state
+        aws_clear_faults(dist["aws"])  # the other shards and the re-run need no slow calls
+    try:
+        killed = final(shard.id, CRASH_BOUND, "the killed shard to be crashed")
+        done = final(fr.id, 420, "the sweep to end")
+    finally:
+        if worker is not None:
+            stack.start_worker(worker)
     assert killed.is_crashed() and "heartbeat" in (killed.message or ""), killed
-    assert final.name == "Drift" and "re-run after their worker died: 1" in final.message, final
+    assert done.name == "Drift" and "re-run after their worker died: 1" in done.message, done
     md = summary_md(fr.id)
     assert "re-run after a crash" in md and f"re-run after run {shard.id} ended Crashed" in md, md
     assert len(shard_runs(fr.id)) == 4
 
 
-@pytest.mark.heavy  # failed on a loaded machine (no worker took the run in 120 s); unproven
+@pytest.mark.heavy  # about 6 minutes (a run that never started is crashed UNSTARTED_SECONDS after submission)
 def test_5_worker_killed_while_submitting_does_not_block_the_next_sweep(dist):
     from prefect.deployments import run_deployment
 
     stack = dist["stack"]
-    for i in range(stack.n_workers):
-        stack.kill_worker(i)
-    stuck = run_deployment("reconcile-fleet/reconcile-fleet", parameters={"selector": {"tier": "dist"}}, timeout=0)
-    stack.start_worker(0)
-    state = wait_until(lambda: (s := read_run(stuck.id).state).type.value in ("PENDING", "RUNNING") and s, 120,
-                       "a worker to take the sweep", interval=0.05)
-    stack.kill_worker(0)  # killed while submitting (or just after): the run has no live process
-    for i in range(stack.n_workers):
-        stack.start_worker(i)
-    crashed = wait_until(lambda: (s := read_run(stuck.id).state).is_crashed() and s, 240, "the stuck sweep to be crashed",
-                         interval=2)
-    assert "worker is gone" in (crashed.message or ""), (state, crashed)
+    # The worker proposes Pending, then Submitting, and starts the run's process; this one only sleeps, so the run
+    # stays Submitting (holding the deployment's one concurrency slot) until the worker, and the process, are killed.
+    stuck = run_deployment("reconcile-fleet/reconcile-fleet", parameters={"selector": {"tier": "dist"}},
+                           job_variables={"command": "sleep 3600"}, timeout=0)
+
+    def submitted():
+        found = worker_running(stuck.id, stack)
+        return found if found and found[0].state.is_pending() else None
+
+    run, worker = wait_until(submitted, 300, "a worker to submit the sweep")
+    assert run.state.name == "Submitting", run.state
+    stack.kill_worker(worker)  # the machine is gone while the run is being submitted
+    try:
+        held = deploy("reconcile-fleet", selector={"tier": "dist"}, timeout=300)
+        assert held.state.is_cancelled(), held.state  # the slot is still held: a sweep now is not queued behind it
+        crashed = wait_until(lambda: (s := read_run(stuck.id).state).is_crashed() and s, UNSTARTED_BOUND,
+                             "the stuck sweep to be crashed", interval=2)
+    finally:
+        stack.start_worker(worker)
+    assert "worker is gone" in (crashed.message or ""), crashed
     nxt = deploy("reconcile-fleet", selector={"tier": "dist"}, timeout=420)
     assert nxt.state.is_final() and nxt.state.name == "Drift", nxt.state  # ran: the slot was freed
 
 
-def test_6_no_database_is_locked_anywhere(dist):
+@pytest.mark.heavy  # about 4 minutes (a killed sweep is crashed 60-90 s after its last heartbeat)
+def test_6_worker_killed_while_running_a_sweep_frees_its_slot(dist):
+    from prefect.deployments import run_deployment
+
+    from testenv.faults import aws_clear_faults, aws_fault
+
+    stack = dist["stack"]
+    aws_fault(dist["aws"], service="*", action="*", status=0, latency_ms=1500)  # a sweep long enough to kill
+    worker = None
+    try:
+        fr = run_deployment("reconcile-fleet/reconcile-fleet",
+                            parameters={"selector": {"tier": "dist"}, "shard_size": 0}, timeout=0)  # in its own run
+        run, worker = wait_until(lambda: (f := worker_running(fr.id, stack)) and f[0].state.is_running() and f,
+                                 300, "the sweep to run on a worker")
+        stack.kill_worker(worker)
+    finally:
+        aws_clear_faults(dist["aws"])
+    try:
+        crashed = final(fr.id, CRASH_BOUND, "the killed sweep to be crashed")
+    finally:
+        if worker is not None:
+            stack.start_worker(worker)
+    assert crashed.is_crashed() and "heartbeat" in (crashed.message or ""), crashed
+    nxt = deploy("reconcile-fleet", selector={"tier": "dist"}, timeout=420)
+    assert nxt.state.is_final() and nxt.state.name == "Drift", nxt.state  # ran: the slot was freed
+
+
+def test_7_no_database_is_locked_anywhere(dist):
     text = dist["stack"].log_text()
     assert text and "database is locked" not in text
