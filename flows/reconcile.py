@@ -366,6 +366,24 @@ def _run_shards(chunks: list[list[str]], shares: list[dict[str, int]], *, source
     return merged, rows
 
 
+class _LateWindows:
+    """The fleet run's definitions and window gate for the repairs its shards held, made on first use: an
+    approved destructive repair still waits for its cluster's maintenance window, as in an unsharded sweep."""
+
+    def __init__(self, src, **gate):
+        self.src, self.gate, self._defs, self._win = src, gate, None, None
+
+    def definitions(self):
+        if self._defs is None:
+            self._defs = load_definitions(self.src)[0]
+        return self._defs
+
+    def guard(self, desired):
+        if self._win is None:
+            self._win = WindowGate(self.definitions(), flow="reconcile-fleet", **self.gate)
+        return self._win.guard(desired)
+
+
 def _shards_md(rows: list[dict]) -> str:
     lines = ["## Shards", "", "| shard | clusters | attempts | state | runs | note |", "|---|---:|---:|---|---|---|"]
     lines += [f"| {r['shard']} | {r['clusters']} | {r['attempts']} | {r['state']} | {', '.join(r['runs'])} | "
@@ -426,7 +444,8 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
                                     max_workers=max_workers, key=key, shard_retries=shard_retries,
                                     poll_seconds=2.0, timeout_seconds=shard_timeout_seconds, now=now, actor=actor,
                                     checked=rev.sha)
-        summary, approval = approve_held_in_summary(summary, definitions=lambda: load_definitions(src)[0],
+        late = _LateWindows(src, actor=actor, dry_run=dry_run, now=now)  # loaded only if a repair is held
+        summary, approval = approve_held_in_summary(summary, definitions=late.definitions, window=late.guard,
                                                     flow="reconcile-fleet", idempotency_key=key, actor=actor,
                                                     timeout=approval_timeout_seconds, max_workers=max_workers)
         retried = f" {len(summary['retried_shards'])} shard(s) re-run after a crash: " \

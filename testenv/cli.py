@@ -27,6 +27,16 @@ def _fail(e: BaseException) -> None:
 
 
 @app.command()
+def build() -> None:
+    """Install and build (cached) what every part needs, before any test runs; start nothing."""
+    try:
+        doc = testenv.build_all(Config())
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    _emit(doc)
+
+
+@app.command()
 def up(
     kube_clusters: int = typer.Option(1, "--kube-clusters", min=0, help="control planes to start (mgmt, workload-1, ...)"),
     hosts: int = typer.Option(2, "--hosts", min=0, help="SSH hosts to start"),

@@ -25,6 +25,10 @@ ignore=(); for m in "${ONPREM[@]}" "${MACHINES[@]}"; do ignore+=(--ignore="$m");
 if [ -z "${FLEETWRIGHT_TEST_HEAVY:-}" ]; then set -- -m "not heavy" "$@"; fi
 base=${FLEETWRIGHT_TESTENV_DIR:-/tmp/fleetwright-testenv}
 log=$(mktemp -d)/onprem.log
+# every cached build first (Kubernetes from source: ~13 min cold), outside any test's timeout
+t0=$(date +%s)
+.venv/bin/fleetwright testenv build > "$(dirname "$log")/build.json" || { echo "testenv build failed"; exit 1; }
+echo "testenv build: $(( $(date +%s) - t0 )) s ($(tr -d ' \n' < "$(dirname "$log")/build.json"))"
 FLEETWRIGHT_TESTENV_DIR="$base-onprem" $PY -m pytest -p no:cacheprovider "${ONPREM[@]}" "$@" > "$log" 2>&1 &
 onprem=$!
 machines_log=$(dirname "$log")/machines.log

@@ -147,3 +147,84 @@ def test_sweep_carries_out_destructive_repairs_once_approved(fw_dev):
     assert pools(fw_dev) == ["workers"]
     again = reconcile_fleet(selector=SELECTOR, source=src(fw_dev), approval_timeout_seconds=6)
     assert again["counts"] == {"absent": 1, "in-sync": 1} and again["approval"] is None
+
+
+@pytest.fixture(scope="module")
+def shard_worker(fw_dev, prefect_api, tmp_path_factory):
+    """The product's reconcile-fleet and reconcile-shard deployments (prefect.yaml) on a process worker."""
+    from .workers import deployed_worker
+
+    log = tmp_path_factory.mktemp("shard-worker") / "worker.log"
+    # limit 3: the fleet run waits in one slot while its shards run in the others
+    with deployed_worker(prefect_api, ["reconcile-fleet", "reconcile-shard"], log, limit=3) as proc:
+        yield {"proc": proc, "log": log}
+
+
+def _artifact(key: str, flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
+                                                               flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    assert arts, f"no artifact {key} for run {flow_run_id}"
+    return arts[0].data
+
+
+def run_table(key: str, flow_run_id) -> list[dict]:
+    import json
+
+    data = _artifact(key, flow_run_id)
+    return data if isinstance(data, list) else json.loads(data)
+
+
+def run_markdown(key: str, flow_run_id) -> str:
+    return _artifact(key, flow_run_id)
+
+
+def test_a_sharded_sweep_holds_in_its_shards_and_asks_once_in_the_fleet_run(fw_dev, shard_worker):
+    """The deployment run shards (one cluster per shard): the shards repair the ConfigMap and hold the removals;
+    the fleet run lists every held repair of every shard, asks once, and carries them out once approved."""
+    import time
+
+    from prefect.deployments import run_deployment
+    from prefect.flow_runs import resume_flow_run
+
+    from .pauses import paused_run
+    from .workers import read_run, wait_until
+
+    add_extras(fw_dev)
+    core = drift_retention(fw_dev)
+    since = time.time() - 1
+    fr = run_deployment("reconcile-fleet/reconcile-fleet", timeout=0,
+                        parameters={"selector": SELECTOR, "source": src(fw_dev), "shard_size": 1,
+                                    "approval_timeout_seconds": 300})
+    paused = paused_run("reconcile-fleet", timeout=420, since=since)
+    assert paused.id == fr.id
+    while_paused(fw_dev, core)()
+    resume_flow_run(fr.id, run_input={"approver": "alice", "approve": True, "comment": "CHG-11"})
+    state = wait_until(lambda: (s := read_run(fr.id).state) and s.is_final() and s, 420,
+                       "the sharded sweep to end: " + shard_worker["log"].read_text()[-2000:], interval=2)
+    assert state.is_completed() and state.name == "Completed", state
+    assert "external-dns" not in namespaces(fw_dev)
+    assert pools(fw_dev) == ["workers"]
+    rows = {r["cluster"]: r for r in run_table("reconcile-fleet-clusters", fr.id)}  # the fleet summary's table
+    assert {n: r["status"] for n, r in rows.items()} == {"fw-canary": "absent", "fw-dev": "corrected"}
+    assert rows["fw-dev"]["reason"] == "destructive repairs approved by alice"
+    assert rows["fw-dev"]["done"] == 3  # component.configure in its shard, then component.remove and nodePool.delete
+    md = run_markdown("reconcile-fleet-summary", fr.id)
+    assert "| absent | 1 |" in md and "| corrected | 1 |" in md, md
+    line = next(ln for ln in md.splitlines() if ln.startswith("- destructive repairs on "))
+    assert line.startswith("- destructive repairs on fw-dev: approved by **alice** (approved)") and \
+        line.endswith("; comment: CHG-11"), line
+    assert held_artifact() == HELD  # the list the person was asked about: every shard's held repairs
+    # it really was sharded: two reconcile-shard runs under the fleet run, one cluster each
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
+                                                FlowRunFilterParentFlowRunId)
+
+    with get_client(sync_client=True) as c:
+        shards = c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["reconcile-shard"])),
+                                  flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                                      any_=[fr.id])))
+    assert sorted(s.parameters["clusters"][0] for s in shards) == ["fw-canary", "fw-dev"]

@@ -12,8 +12,8 @@ One fleet, four clusters in four zones, all looked at as at 2026-07-01 08:00 UTC
 
 The rollout goes through the product's deployment and a real process worker; its follow-up run (scheduled at
 New York's opening) is then moved to now and run by the worker: it converges fw-dev and defers the rest again.
-The tests share the fleet and run in file order (the rollout upgrades fw-dev after the sweep and the
-upgrade-cluster tests have used it at 1.20).
+The tests share the fleet. Each one that needs clusters at 1.20 asks for them (``at_120``): a cluster an earlier
+test upgraded is decommissioned and created again, so the tests pass in any order (in file order that costs nothing).
 """
 from __future__ import annotations
 
@@ -115,6 +115,22 @@ def worker(fleet, prefect_api, tmp_path_factory):
         yield proc
 
 
+@pytest.fixture
+def at_120(fleet):
+    """``at_120(*names)``: those clusters (default: all four) are at 1.20 when the test starts, whatever ran before it."""
+    def ensure(*names: str) -> None:
+        from flows.lifecycle import create_cluster, decommission_cluster
+
+        now = versions(fleet)
+        for name in names or ALL:
+            if now[name] != "1.20":
+                decommission_cluster(cluster=name, confirm=name, source=src(fleet), actor="alice")
+                out = create_cluster(cluster=name, source=src(fleet), actor="alice")
+                assert out["clusters"][0]["status"] == "converged", out
+        assert {n: v for n, v in versions(fleet).items() if n in (names or ALL)} == dict.fromkeys(names or ALL, "1.20")
+    return ensure
+
+
 def versions(fleet) -> dict[str, str]:
     api = eks(fleet["aws"])
     return {n: api.describe_cluster(name=n)["cluster"]["version"] for n in ALL}
@@ -146,10 +162,11 @@ def scheduled_follow_ups(deployment_id) -> list:
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
 
 
-def test_dry_run_asks_what_would_happen_at_a_time(fleet):
+def test_dry_run_asks_what_would_happen_at_a_time(fleet, at_120):
     """The clock is a parameter: at 08:00 UTC only Berlin's window is open; at 10:30 UTC New York's is too."""
     from flows.lifecycle import rollout_fleet
 
+    at_120()
     sel = {"tier": "windowtest"}
     at8 = rollout_fleet(selector=sel, source=src(fleet), to_version="1.21", dry_run=True, now=T, actor="bob")
     by = {c["cluster"]: c for c in at8["clusters"]}
@@ -203,11 +220,12 @@ def test_sweep_observes_at_any_time_and_repairs_in_the_window(fleet):
     assert core.read_namespaced_config_map("prometheus-settings", "monitoring").data["retention"] == "3d"
 
 
-def test_upgrade_and_add_component_wait_for_the_window(fleet):
+def test_upgrade_and_add_component_wait_for_the_window(fleet, at_120):
     """upgrade-cluster and add-component (real runs, as alice at 08:00 UTC) leave fw-dev alone until New York's
     window opens, say why, and change nothing."""
     from flows.lifecycle import add_component, upgrade_cluster
 
+    at_120("fw-dev")
     up = upgrade_cluster(cluster="fw-dev", to_version="1.21", source=src(fleet), now=T, actor="alice")
     (dev,) = up["clusters"]
     assert dev["status"] == "deferred" and dev["done"] == [], dev
@@ -230,13 +248,14 @@ def test_upgrade_and_add_component_wait_for_the_window(fleet):
     assert "kube-system" in namespaces and "external-dns" not in namespaces
 
 
-def test_rollout_converges_open_windows_and_defers_the_rest_with_a_follow_up_run(fleet, worker):
+def test_rollout_converges_open_windows_and_defers_the_rest_with_a_follow_up_run(fleet, worker, at_120):
     """Through the deployment (a real worker): three zones, one converges, the others wait, one follow-up run.
 
     alice (platform) starts it: an upgrade by parameter names a person, and only a platform member may
     run a real change with a shifted clock."""
     from prefect.deployments import run_deployment
 
+    at_120()
     params = {"selector": {"tier": "windowtest"}, "source": {"path": str(fleet["root"])}, "to_version": "1.21", "now": T,
               "actor": "alice"}
     before = datetime.now(timezone.utc)
@@ -308,19 +327,11 @@ def _finished_run(run_id, deadline: float):
     raise AssertionError(f"flow run {run_id} did not finish in time: {fr.state if fr else None}")
 
 
-def _paused_run(deadline: float):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.client.schemas.objects import StateType
+def _paused_run(since: float):
+    """The rollout-fleet run this test started, once it waits for the override's approval."""
+    from .pauses import paused_run
 
-    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
-    with get_client(sync_client=True) as c:
-        while time.time() < deadline:
-            runs = c.read_flow_runs(flow_run_filter=paused, limit=5)
-            if runs:
-                return runs[0].id
-            time.sleep(0.5)
-    return None
+    return paused_run("rollout-fleet", timeout=120, since=since).id
 
 
 def _override_run(fleet, box):
@@ -335,15 +346,15 @@ def _override_run(fleet, box):
     ("alice", "refused (second-person): alice started this and cannot approve it too: a second person must approve"),
     ("dave", "refused (approver-authorized): dave is neither in the platform role nor in the team that owns fw-prod"),
 ], ids=["the-requester", "an-auditor-outside-the-team"])
-def test_security_override_needs_a_second_person(fleet, approver, outcome):
+def test_security_override_needs_a_second_person(fleet, at_120, approver, outcome):
     """Judged by the rules of every approval: the requester cannot approve it herself, nor can an auditor outside
     the owning team; fw-prod stays deferred inside its blackout."""
     from prefect.flow_runs import resume_flow_run
 
-    box = {}
+    at_120("fw-prod")
+    box, since = {}, time.time() - 1
     t = in_thread(_override_run, fleet, box)
-    run_id = _paused_run(time.time() + 120)
-    assert run_id, "the run never paused for the override's approval"
+    run_id = _paused_run(since)
     resume_flow_run(run_id, run_input={"approver": approver, "approve": True})
     t.join(300)
     out = box["out"].result()
@@ -353,13 +364,13 @@ def test_security_override_needs_a_second_person(fleet, approver, outcome):
     assert versions(fleet)["fw-prod"] == "1.20"
 
 
-def test_security_override_crosses_a_blackout_after_approval(fleet):
+def test_security_override_crosses_a_blackout_after_approval(fleet, at_120):
     from prefect.flow_runs import resume_flow_run
 
-    box = {}
+    at_120("fw-prod")
+    box, since = {}, time.time() - 1
     t = in_thread(_override_run, fleet, box)
-    run_id = _paused_run(time.time() + 120)
-    assert run_id, "the run never paused for the override's approval"
+    run_id = _paused_run(since)
     assert versions(fleet)["fw-prod"] == "1.20"  # nothing changes before the approval
     resume_flow_run(run_id, run_input={"approver": "bob", "approve": True, "comment": "checked the advisory"})
     t.join(600)

@@ -86,7 +86,9 @@ def deployed_worker(prefect_api: str, deployments: list[str], log_path: Path, en
                     limit: int = 2) -> Iterator[subprocess.Popen]:
     """The product's ``deployments`` (prefect.yaml) on the ``fleetwright`` process pool, and one worker for them.
 
-    The worker's flow runs inherit ``env`` (default: this process's environment). On exit the worker's
+    The deployments' schedules are paused (a test starts the runs it means; a scheduled sweep on a shared
+    test server would run later, under another module's worker). The worker's flow runs inherit ``env``
+    (default: this process's environment). On exit the worker's
     flow-run processes are let to end on their own first (a stopped one would leave its private directory
     to the next process's sweep), then the worker is stopped."""
     wenv = dict(env if env is not None else os.environ, PREFECT_API_URL=prefect_api, FLEETWRIGHT_HOME=str(ROOT),
@@ -98,6 +100,7 @@ def deployed_worker(prefect_api: str, deployments: list[str], log_path: Path, en
                 [prefect, "--no-prompt", "deploy", *names]):
         r = subprocess.run(cmd, env=wenv, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    pause_schedules(prefect_api, deployments)
     log = open(log_path, "w")
     proc = subprocess.Popen([prefect, "worker", "start", "--pool", "fleetwright", "--limit", str(limit)], env=wenv,
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -113,6 +116,28 @@ def deployed_worker(prefect_api: str, deployments: list[str], log_path: Path, en
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
+
+
+def pause_schedules(prefect_api: str, deployments: list[str]) -> None:
+    """Deactivate the deployments' schedules and delete the runs a schedule made before that."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as c:
+        for name in deployments:
+            dep = c.read_deployment_by_name(f"{name}/{name}")
+            if not dep.schedules:
+                continue
+            for sch in dep.schedules:
+                c.update_deployment_schedule(dep.id, sch.id, active=False)
+            for fr in c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                       flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                                           type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))):
+                if fr.auto_scheduled:
+                    c.delete_flow_run(fr.id)
 
 
 def finished_steps(run_id) -> tuple[dict, set[str]]:
