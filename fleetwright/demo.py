@@ -5,7 +5,8 @@
    repo; workers read it through its URL with the token from the ``fleetwright-git`` block);
 3. starts a Prefect server on its embedded SQLite database;
 4. saves the credential blocks, creates the process work pool, deploys every
-   flow from prefect.yaml and starts a worker;
+   flow from prefect.yaml, creates the automations (a dead worker's runs are
+   crashed, freeing their slots) and starts a worker;
 5. runs the scenario through the deployments: create clusters on aws, vsphere
    and metal; onboard a team; add a component across a selector in waves;
    upgrade one cluster by a minor version (bumped in Git first); change things
@@ -232,6 +233,8 @@ def run(keep: bool = False, port: int = 4200, record: bool = False) -> int:
     sh(prefect, "work-pool", "create", "fleetwright", "--type", "process", "--overwrite", env=penv)
     say("deploying every flow from prefect.yaml")
     sh(prefect, "--no-prompt", "deploy", "--all", env=penv, cwd=ROOT)
+    sh(sys.executable, "-m", "fleetwright.automations", env=penv, cwd=ROOT)  # a dead worker's runs are crashed
+    say("automations: a sweep run whose worker died, or a run no worker started, is marked Crashed (automations/)")
     _pause("sync-from-git-poll/sync-from-git-poll")  # the demo pushes on purpose; the lost-webhook poll stays out of it
     _set_sweep_schedule(active=False)  # no scheduled sweep in the middle of the scenario
     say("reconcile-fleet's 15-minute schedule is paused while the demo runs")

@@ -270,7 +270,8 @@ def test_4_worker_killed_mid_sweep_takes_only_its_shard_down(dist):
     for s, st in zip(killed, ended):  # running: no heartbeat; one still starting on it: never started
         assert st.is_crashed() and "its worker is gone" in (st.message or ""), (s.name, st)
     assert any("heartbeat" in (st.message or "") for st in ended), ended
-    assert done.name == "Drift" and f"re-run after their worker died: {len(killed)}" in done.message, done
+    # Completed (named Drift when test 2's drift on d-c is still there), with the re-runs in its message
+    assert done.is_completed() and f"re-run after their worker died: {len(killed)}" in done.message, done
     md = summary_md(fr.id)
     assert "re-run after a crash" in md and all(f"re-run after run {s.id} ended Crashed" in md for s in killed), md
     assert len(shard_runs(fr.id)) == 3 + len(killed)  # the shards on the other workers ran once
@@ -302,7 +303,7 @@ def test_5_worker_killed_while_submitting_does_not_block_the_next_sweep(dist):
         stack.start_worker(worker)
     assert "worker is gone" in (crashed.message or ""), crashed
     nxt = deploy("reconcile-fleet", selector={"tier": "dist"}, timeout=420)
-    assert nxt.state.is_final() and nxt.state.name == "Drift", nxt.state  # ran: the slot was freed
+    assert nxt.state.is_completed(), nxt.state  # it ran (Drift or Completed): the slot was freed
 
 
 @pytest.mark.heavy  # about 4 minutes (a killed sweep is crashed 60-90 s after its last heartbeat)
@@ -329,7 +330,7 @@ def test_6_worker_killed_while_running_a_sweep_frees_its_slot(dist):
             stack.start_worker(worker)
     assert crashed.is_crashed() and "heartbeat" in (crashed.message or ""), crashed
     nxt = deploy("reconcile-fleet", selector={"tier": "dist"}, timeout=420)
-    assert nxt.state.is_final() and nxt.state.name == "Drift", nxt.state  # ran: the slot was freed
+    assert nxt.state.is_completed(), nxt.state  # it ran (Drift or Completed): the slot was freed
 
 
 def test_7_no_database_is_locked_anywhere(dist):
