@@ -88,8 +88,10 @@ class HostsCluster:
 
     def _states(self, desired: DesiredCluster, hosts: list[Machine] | None = None) -> dict[str, ansible.HostState]:
         hosts = self.hosts(desired) if hosts is None else hosts
+        if not hosts:  # nothing to reach (a vSphere cluster whose VMs are off): no Ansible run, no API slot
+            return {}
         with api_call("metal"):  # one Ansible run: one call against the fleet's metal API limit
-            states = ansible.host_states(hosts, desired, self.connections, log=self.log) if hosts else {}
+            states = ansible.host_states(hosts, desired, self.connections, log=self.log)
         return self._refuse_foreign(desired, states)
 
     def _refuse_foreign(self, desired: DesiredCluster, states: dict[str, ansible.HostState]) -> dict[str, ansible.HostState]:
