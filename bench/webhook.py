@@ -155,7 +155,7 @@ def main() -> int:
         cfg = work / "webhook.yaml"
         cfg.write_text(f"repositories:\n  - url: {REPO}\n    branches: ['bench-*']\ndebounce_seconds: 600\n")
         rx, rlog = start("receiver", [str(BIN / "fleetwright"), "webhook", "serve", "--host", "127.0.0.1", "--port",
-                                      str(rport), "--config", str(cfg), "--log-level", "warning"], cwd=ROOT)
+                                      str(rport), "--config", str(cfg), "--log-level", os.environ.get("BENCH_RX_LOG_LEVEL", "warning")], cwd=ROOT)
         wait_http(f"http://127.0.0.1:{rport}/readyz", 120, rx, rlog)
         load_before = os.getloadavg()[0]
 

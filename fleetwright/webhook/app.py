@@ -99,6 +99,9 @@ class Receiver:
         if hasattr(self.dispatcher, "on_superseded"):
             self.dispatcher.on_superseded = lambda n: self.metrics.inc("fleetwright_webhook_runs_superseded_total", n)
         self._background: set[asyncio.Task] = set()
+        self.verifying = 0  # deliveries read and not yet queued or answered: the dispatcher waits for them
+        if hasattr(self.dispatcher, "incoming"):
+            self.dispatcher.incoming = lambda: self.verifying
 
     def reject(self, provider: str, delivery: str, remote: str, r: Rejected) -> JSONResponse:
         self.metrics.inc("fleetwright_webhook_rejected_total", provider=provider, reason=r.reason)
@@ -109,6 +112,15 @@ class Receiver:
         return JSONResponse({"status": status, "reason": r.reason, "detail": r.detail}, status_code=r.status)
 
     async def handle(self, provider: str, request: Request) -> JSONResponse:
+        self.verifying += 1
+        verified = [False]
+        try:
+            return await self._handle(provider, request, verified)
+        finally:
+            if not verified[0]:
+                self.verifying -= 1
+
+    async def _handle(self, provider: str, request: Request, verified: list) -> JSONResponse:
         t0 = time.monotonic()
         cfg = self.config
         remote = request.client.host if request.client else "-"
@@ -141,7 +153,7 @@ class Receiver:
                 self.metrics.inc("fleetwright_webhook_deliveries_total", provider=provider, outcome="ping")
                 log.info("webhook %s ping %s from %s (secret #%d)", provider, _clean(d.delivery_id), remote, matched + 1)
                 return JSONResponse({"status": "pong"}, status_code=200)
-            return await self._accept(provider, d, remote, t0, matched)
+            return await self._accept(provider, d, remote, t0, matched, verified)
         except Rejected as r:
             return self.reject(provider, delivery_hint, remote, r)
 
@@ -166,9 +178,12 @@ class Receiver:
             raise Rejected(400, "bad_payload", "before/after are not commit SHAs")
         return repo, url
 
-    async def _accept(self, provider: str, d: Delivery, remote: str, t0: float, matched: int) -> JSONResponse:
+    async def _accept(self, provider: str, d: Delivery, remote: str, t0: float, matched: int,
+                      verified: list) -> JSONResponse:
         repo, url = self._check(d)
         req = run_request(d, repo, url)
+        verified[0] = True  # queued next: no longer "verifying"
+        self.verifying -= 1
         task = asyncio.ensure_future(self.dispatcher.dispatch(req))
         try:
             done = await asyncio.wait_for(asyncio.shield(task), self.config.answer_within_seconds)

@@ -114,6 +114,8 @@ class Dispatcher:
     BATCH = 25  # the server allows 100; smaller batches keep the first of a batch from waiting on the rest
     TRANSIENT_RETRIES = 5  # items refused by a busy database are sent again (at once, then 0.1 .. 0.8 s apart)
     IDLE_SECONDS = 0.25  # the writer idle this long: a burst is over, supersede now
+    WAVE_GAP = 0.015  # during a burst, a batch waits for more while deliveries come at most this far apart ...
+    WAVE_MAX = 0.06  # ... and at most this long in all (see _gather)
 
     def __init__(self, deployment: str, debounce_seconds: float):
         self.deployment = deployment
@@ -122,9 +124,11 @@ class Dispatcher:
         self._deployment_id: Optional[UUID] = None
         self._queue: Optional[asyncio.Queue] = None
         self._writer: Optional[asyncio.Task] = None
+        self._arrived = asyncio.Event()  # set when a delivery is queued
         self.on_superseded: Optional[Callable[[int], None]] = None  # called with the number of runs each supersede pass cancelled
         # groups with a new run whose older queued runs are not superseded yet, and when that is due at the latest
         self._pending_groups: dict[str, float] = {}
+        self.incoming: Callable[[], int] = lambda: 0  # deliveries the receiver has read and is still verifying
         self.supersede_within = min(max(debounce_seconds / 4, 0.0), 30.0)
 
     async def start(self) -> None:
@@ -174,37 +178,92 @@ class Dispatcher:
             self._writer = asyncio.ensure_future(self._write_loop())
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((req, fut))
+        self._arrived.set()
         return await fut
 
+    async def _get_within(self, timeout: float):
+        """The next queued delivery, or None after ``timeout`` seconds. Waits on an event, not on
+        ``Queue.get`` under ``wait_for``: cancelling that on a timeout can lose an item (Python < 3.12)."""
+        assert self._queue is not None
+        if self._queue.empty():
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), max(0.0, timeout))
+            except asyncio.TimeoutError:
+                pass
+        return None if self._queue.empty() else self._queue.get_nowait()
+
     async def _next(self):
-        """The next queued delivery; meanwhile, supersede when the writer is idle or a pass falls due."""
+        """The next queued delivery; meanwhile, supersede when the writer is idle or a pass falls due.
+
+        An overdue pass that finds deliveries waiting does one page and then serves them, so a long
+        burst's superseding (hundreds of state changes) is spread between the creates instead of
+        holding them up for its whole length."""
         assert self._queue is not None
         while self._pending_groups:
+            due = min(self._pending_groups.values())
             if not self._queue.empty():
-                due = min(self._pending_groups.values())
                 if time.monotonic() < due:
                     return self._queue.get_nowait()
             else:
-                due = min(min(self._pending_groups.values()), time.monotonic() + self.IDLE_SECONDS)
-                try:
-                    return await asyncio.wait_for(self._queue.get(), max(0.0, due - time.monotonic()))
-                except asyncio.TimeoutError:
-                    pass
-            groups, self._pending_groups = set(self._pending_groups), {}
+                item = await self._get_within(min(due, time.monotonic() + self.IDLE_SECONDS) - time.monotonic())
+                if item is not None:
+                    return item
+            groups = set(self._pending_groups)
             t0 = time.monotonic()
+            more = False
             try:
-                await self._supersede(await self.deployment_id(), groups)
+                _, more = await self._supersede(await self.deployment_id(), groups,
+                                                yield_to=lambda: not self._queue.empty())
             except Exception as e:  # noqa: BLE001 - the next push of the group tries again
                 log.warning("superseding queued syncs failed: %s", type(e).__name__)
-            log.debug("superseded %d groups in %.0f ms", len(groups), (time.monotonic() - t0) * 1000)
+            log.debug("superseded %d groups in %.0f ms%s", len(groups), (time.monotonic() - t0) * 1000,
+                      " (more to do)" if more else "")
+            if more:  # go on right after the deliveries that arrived meanwhile
+                now = time.monotonic()
+                for g in groups:
+                    self._pending_groups[g] = min(self._pending_groups.get(g, now), now)
+                if not self._queue.empty():
+                    return self._queue.get_nowait()
+            else:
+                for g in groups:
+                    self._pending_groups.pop(g, None)
         return await self._queue.get()
+
+    async def _gather(self, batch: list) -> list:
+        """Fill a batch from the queue; while deliveries are still coming in, wait briefly for them.
+
+        One bulk for a wave of deliveries costs one server round trip; sending the first of a wave alone
+        makes the others wait for that bulk and then their own. So the writer keeps collecting while the
+        receiver is verifying deliveries it has already read (``incoming``) or one arrived within
+        ``WAVE_GAP``, for at most ``WAVE_MAX``. A lone push waits at most ``WAVE_GAP``.
+        """
+        assert self._queue is not None
+        t0 = time.monotonic()
+        deadline, last = t0 + self.WAVE_MAX, t0
+        while len(batch) < self.BATCH:
+            while not self._queue.empty() and len(batch) < self.BATCH:
+                batch.append(self._queue.get_nowait())
+                last = time.monotonic()
+            now = time.monotonic()
+            busy = self.incoming() > 0
+            if len(batch) >= self.BATCH or now >= deadline or (not busy and now - last >= self.WAVE_GAP):
+                break
+            # while deliveries are being verified, look again every few ms; else until the gap has passed
+            until = min(deadline, now + 0.005) if busy else min(deadline, last + self.WAVE_GAP)
+            item = await self._get_within(until - now)
+            if item is not None:
+                batch.append(item)
+                last = time.monotonic()
+        return batch
 
     async def _write_loop(self) -> None:
         assert self._queue is not None
         while True:
-            batch = [await self._next()]
-            while not self._queue.empty() and len(batch) < self.BATCH:
-                batch.append(self._queue.get_nowait())
+            first = await self._next()
+            t_first = time.monotonic()
+            batch = await self._gather([first])
+            gathered_ms = (time.monotonic() - t_first) * 1000
             batch = [(r, f) for r, f in batch if not f.cancelled()]
             if not batch:
                 continue
@@ -223,7 +282,8 @@ class Dispatcher:
             for (req, _), res in zip(batch, results):
                 if isinstance(res, Dispatched) and res.created:
                     self._pending_groups.setdefault(req.group_tag, due)
-            log.debug("batch of %d: created in %.0f ms", len(batch), (time.monotonic() - t0) * 1000)
+            log.debug("batch of %d (gathered in %.0f ms): created in %.0f ms", len(batch), gathered_ms,
+                      (time.monotonic() - t0) * 1000)
 
     async def _create(self, batch) -> tuple[UUID, list]:
         from prefect.client.schemas.actions import DeploymentFlowRunCreate
@@ -261,6 +321,10 @@ class Dispatcher:
                 self._deployment_id = None  # re-registered under a new id: look it up again next time
                 raise
             results.update(zip([i for i, _ in pending], response.json()["results"]))
+            refused = sum(results[i].get("status") != "CREATED" for i, _ in pending)
+            if refused:
+                log.debug("bulk of %d: %d refused (attempt %d): %s", len(pending), refused, attempt + 1,
+                          str(next(r.get("error") for i, _ in pending if (r := results[i]).get("status") != "CREATED"))[:80])
             # a busy database refuses some items of a bulk ("database is locked" on SQLite, a serialization
             # failure on PostgreSQL): the idempotency key makes sending them again safe
             pending = [(i, b) for i, b in pending if results[i].get("status") != "CREATED" and _transient(results[i])]
@@ -269,9 +333,11 @@ class Dispatcher:
             # SQLite refuses a whole bulk when another writer committed between its first read and its
             # first write (a stale snapshot, not a held lock): sending again at once nearly always works
             await asyncio.sleep(0 if attempt == 0 else 0.1 * 2 ** (attempt - 1))
+        t_bulk = time.monotonic()
         ids = list({UUID(r["flow_run_id"]) for r in results.values() if r.get("flow_run_id")})
         runs = {r.id: r for r in await self.client.read_flow_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids))} if ids else {}
+        log.debug("read back %d runs in %.0f ms", len(ids), (time.monotonic() - t_bulk) * 1000)
         out: list = []
         for i, (req, _) in enumerate(batch):
             j = first[req.idempotency_key]
@@ -284,8 +350,11 @@ class Dispatcher:
             out.append(Dispatched(run.id, mine, name=run.name))
         return dep_id, out
 
-    async def _supersede(self, dep_id: UUID, groups: set[str]) -> list[UUID]:
-        """Cancel the queued runs of each group except its newest (by scheduled time)."""
+    async def _supersede(self, dep_id: UUID, groups: set[str],
+                         yield_to: Callable[[], bool] = lambda: False) -> tuple[list[UUID], bool]:
+        """Cancel the queued runs of each group except its newest (by scheduled time). Stops after a
+        page when ``yield_to()`` says other work waits; returns the cancelled runs and whether more may
+        be left."""
         from prefect.client.schemas.filters import (
             DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId, FlowRunFilterState,
             FlowRunFilterStateType, FlowRunFilterTags)
@@ -295,6 +364,7 @@ class Dispatcher:
         # newest first, a page at a time: a long burst leaves many queued runs per branch; each page keeps
         # (for now) its newest run per branch and cancels the others, until a page has nothing to cancel
         done: list[UUID] = []
+        more = False
         for _ in range(200):
             page = await self.client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
@@ -304,11 +374,12 @@ class Dispatcher:
                 sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=self.SUPERSEDE_PAGE)
             cancelled = await self._supersede_page(page, groups)
             done += cancelled
-            if not cancelled or len(page) < self.SUPERSEDE_PAGE:
+            more = bool(cancelled) and len(page) >= self.SUPERSEDE_PAGE
+            if not more or yield_to():
                 break
         if done and self.on_superseded is not None:
             self.on_superseded(len(done))
-        return done
+        return done, more
 
     SUPERSEDE_PAGE = 50  # the server's limit for one bulk state change
 
