@@ -41,6 +41,13 @@ SENDERS, PER_SENDER, FORGED_EVERY = 20, 50, 20
 REPO = "https://git.bench.invalid/platform/fleet.git"
 SECRET = "bench-secret-" + os.urandom(6).hex()
 DEPLOYMENT = "sync-from-git/sync-from-git"
+# The server's event persister writes the events of every created run to the same SQLite file. At its
+# defaults (a flush every 20 events) it commits between a bulk create's first read and first write
+# often enough that SQLite refuses the whole bulk ("database is locked"). README ("Git webhooks")
+# recommends these for a webhook receiver in front of an embedded-SQLite server; `--server-defaults`
+# runs without them (both figures are in bench/RESULTS.md).
+SERVER_SETTINGS = {"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "1000",
+                   "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "30"}
 
 STAND_IN = '''
 import sys
@@ -130,8 +137,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fw-bench-webhook-"))
     pport, rport = free_port(), free_port()
     api = f"http://127.0.0.1:{pport}/api"
+    server_defaults = "--server-defaults" in sys.argv[1:]
     env = dict(os.environ, PREFECT_HOME=str(work / "prefect"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+               PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING", **({} if server_defaults else SERVER_SETTINGS))
     os.environ.update({"PREFECT_API_URL": api, "PREFECT_HOME": env["PREFECT_HOME"]})
     procs: list[subprocess.Popen] = []
 
@@ -210,13 +218,17 @@ def main() -> int:
     queued = sum(run.state.type.value == "SCHEDULED" for run in runs)
     cancelled = sum(run.state.type.value in ("CANCELLED", "CANCELLING") for run in runs)
     accounted = n - len(problems)
+    retries = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("fleetwright_webhook_bulk_retries_total"))
+    settings = "default settings" if server_defaults else ", ".join(f"{k}={v}" for k, v in SERVER_SETTINGS.items())
     p50, p99 = (pct(lat_ms, 50), pct(lat_ms, 99)) if lat_ms else (float("nan"),) * 2
     a50, a99 = (pct(answer_ms, 50), pct(answer_ms, 99)) if answer_ms else (float("nan"),) * 2
     c50, c99 = (pct(created_ms, 50), pct(created_ms, 99)) if created_ms else (float("nan"),) * 2
     for p in problems[:20]:
         print("PROBLEM:", p)
     print(f"senders={SENDERS} per_sender={PER_SENDER} deliveries={n} wall={wall:.1f}s ({n / wall:.0f}/s) "
-          f"runs={len(runs)} queued={queued} superseded={cancelled} late_answers={late} accounted={accounted}/{n}")
+          f"runs={len(runs)} queued={queued} superseded={cancelled} late_answers={late} accounted={accounted}/{n} "
+          f"bulks_resent={retries:.0f} server: {settings}")
     print(f"request->run visible in the API: p50={p50:.0f}ms p99={p99:.0f}ms max={max(lat_ms, default=0):.0f}ms; "
           f"request->run's created stamp: p50={c50:.0f}ms p99={c99:.0f}ms; "
           f"request->answer: p50={a50:.0f}ms p99={a99:.0f}ms; superseded {supersede_s:.1f}s after the burst; "

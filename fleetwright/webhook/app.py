@@ -98,6 +98,8 @@ class Receiver:
         self.metrics = Metrics()
         if hasattr(self.dispatcher, "on_superseded"):
             self.dispatcher.on_superseded = lambda n: self.metrics.inc("fleetwright_webhook_runs_superseded_total", n)
+        if hasattr(self.dispatcher, "on_retry"):
+            self.dispatcher.on_retry = lambda: self.metrics.inc("fleetwright_webhook_bulk_retries_total")
         self._background: set[asyncio.Task] = set()
         self.verifying = 0  # deliveries read and not yet queued or answered: the dispatcher waits for them
         if hasattr(self.dispatcher, "incoming"):

@@ -125,6 +125,7 @@ class Dispatcher:
         self._queue: Optional[asyncio.Queue] = None
         self._writer: Optional[asyncio.Task] = None
         self._arrived = asyncio.Event()  # set when a delivery is queued
+        self.on_retry: Optional[Callable[[], None]] = None  # called each time a bulk is sent again (database busy)
         self.on_superseded: Optional[Callable[[int], None]] = None  # called with the number of runs each supersede pass cancelled
         # groups with a new run whose older queued runs are not superseded yet, and when that is due at the latest
         self._pending_groups: dict[str, float] = {}
@@ -330,6 +331,8 @@ class Dispatcher:
             pending = [(i, b) for i, b in pending if results[i].get("status") != "CREATED" and _transient(results[i])]
             if not pending or attempt == self.TRANSIENT_RETRIES:
                 break
+            if self.on_retry is not None:
+                self.on_retry()
             # SQLite refuses a whole bulk when another writer committed between its first read and its
             # first write (a stale snapshot, not a held lock): sending again at once nearly always works
             await asyncio.sleep(0 if attempt == 0 else 0.1 * 2 ** (attempt - 1))

@@ -13,6 +13,7 @@ _HELP = {
     "fleetwright_webhook_rejected_total": ("counter", "Deliveries that started nothing, by provider and reason"),
     "fleetwright_webhook_runs_created_total": ("counter", "Flow runs created by deliveries"),
     "fleetwright_webhook_runs_superseded_total": ("counter", "Queued flow runs cancelled by a newer push"),
+    "fleetwright_webhook_bulk_retries_total": ("counter", "Bulk creates sent again because the database was busy"),
     "fleetwright_webhook_dispatch_seconds": ("summary", "Time from request to flow run created or found"),
 }
 
