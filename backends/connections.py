@@ -46,6 +46,9 @@ class VsphereConnection(_Cfg):
     user: str
     password: SecretStr
     insecure: bool = False
+    # a VM just powered on is not yet a host: how long its guest may take to boot (and cloud-init to
+    # set its address) until its SSH port answers, before the step fails (transient: retried)
+    boot_timeout_seconds: float = 300.0
 
 
 class SshConnection(_Cfg):

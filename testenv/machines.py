@@ -795,6 +795,7 @@ def down(cfg: Config | None = None) -> None:
     """Stop every machine of this state dir (no nspawn or machine process left), the artefact server,
     delete the machines' rootfs copies, and remove the bridge when no machine uses it."""
     cfg = _cfg(cfg)
+    stop_process("vsphere-machines", cfg)  # testenv/vsphere_machines.py first: it would boot VMs' machines again
     names = {m["name"] for m in (get_state(cfg, "machines") or {}).get("machines", [])}
     mroot = _base(cfg) / "m"
     if mroot.is_dir():
@@ -807,6 +808,7 @@ def down(cfg: Config | None = None) -> None:
     stop_process("machines-artefacts", cfg)
     with locked_state(cfg) as st:
         st.pop("machines", None)
+        st.pop("vsphere_machines", None)
     remove_bridge_if_unused()
 
 

@@ -19,7 +19,8 @@ ONPREM=(tests/integration/test_demo.py tests/integration/test_backend_metal.py t
         tests/integration/test_git_ssh_onprem.py
         tests/integration/test_testenv_hosts.py tests/integration/test_testenv_vsphere.py
         tests/integration/test_testenv_lifecycle.py)
-MACHINES=(tests/integration/test_testenv_machines.py tests/integration/test_metal_kubeadm.py)
+MACHINES=(tests/integration/test_testenv_machines.py tests/integration/test_metal_kubeadm.py
+          tests/integration/test_vsphere_kubeadm.py)
 ignore=(); for m in "${ONPREM[@]}" "${MACHINES[@]}"; do ignore+=(--ignore="$m"); done
 # the heavy tests (long kill tests, dead workers) run with FLEETWRIGHT_TEST_HEAVY=1 (make test-heavy)
 if [ -z "${FLEETWRIGHT_TEST_HEAVY:-}" ]; then set -- -m "not heavy" "$@"; fi

@@ -16,7 +16,9 @@ VMs
 * After the clone (vcsim ignores a ConfigSpec inside a CloneSpec) the VM is reconfigured: vCPU and
   memory from the Machine, static IP through ``guestinfo.*`` extraConfig (cloud-init's VMware
   datasource reads ``guestinfo.metadata``; vcsim has no guest, so ``guestinfo.fleetwright.address``
-  is also the address the backend reads back), then powered on.
+  is also the address the backend reads back), then powered on. A VM just powered on is waited
+  for until its SSH port answers (``VsphereConnection.boot_timeout_seconds``): PowerOnVM_Task ends
+  when the VM runs, not when its guest has booted, and the playbooks need the guest.
 * Custom attributes ``fleetwright.io/owned-by=fleetwright``, ``fleetwright.io/cluster=<name>``,
   ``fleetwright.io/pool=<pool>``, ``fleetwright.io/address`` (field definitions made if missing).
 * VMs are found by name plus attribute inside fleetwright's folder before anything is cloned
@@ -37,7 +39,9 @@ many clusters with one PropertyCollector query over fleetwright's folders (:mod:
 Kubernetes
 ----------
 The SAME playbooks as the metal backend run over SSH to the VMs' static IPs (``HostsCluster``).
-In the test environment those addresses are real SSH hosts (``testenv.hosts.ensure_host``).
+In the test environment those addresses are either fast SSH hosts (``testenv.hosts.ensure_host``,
+the test-only supervisor path) or real machines that boot when vcsim powers the VM on and stop when
+it powers it off (``testenv/vsphere_machines.py``, the kubeadm path).
 
 Errors from vSphere are mapped in ONE function, :func:`vsphere_error` (:mod:`.errors`).
 """
@@ -45,11 +49,13 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 from models.desired import DesiredCluster, Machine, ObservedCluster
-from models.errors import FleetwrightError, InFlight, OwnershipConflict, PermanentError
+from models.errors import FleetwrightError, InFlight, OwnershipConflict, PermanentError, TransientError
 from models.plan import Step
 
 from .. import ansible
@@ -66,6 +72,16 @@ __all__ = ["VsphereBackend", "vsphere_error", "vm_lock", "POOL_KEY", "ADDRESS_KE
            "pool_addresses"]
 
 _vm_locked = vm_locked  # the old private name, kept for callers of the in-flight lock
+
+
+def _ssh_answers(address: str, port: int) -> bool:
+    """True when an SSH server greets on ``address:port`` (a booted guest, not just an open port)."""
+    try:
+        with socket.create_connection((address, port), timeout=2) as s:
+            s.settimeout(3)
+            return s.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
 
 
 class VsphereBackend(HostsCluster):
@@ -216,8 +232,10 @@ class VsphereBackend(HostsCluster):
                 return True
         return False
 
-    def _ensure_vm(self, desired: DesiredCluster, m: Machine, inv: Inventory) -> bool:
-        """Clone (if missing), mark, configure and power on the VM of ``m``. True if anything changed."""
+    def _ensure_vm(self, desired: DesiredCluster, m: Machine, inv: Inventory,
+                   booted: list[Machine] | None = None) -> bool:
+        """Clone (if missing), mark, configure and power on the VM of ``m``. True if anything changed.
+        A VM this call powers on is appended to ``booted`` (its guest still has to boot)."""
         from pyVmomi import vim
 
         content, b = inv.content, desired.backend
@@ -272,7 +290,33 @@ class VsphereBackend(HostsCluster):
             if vm.power != "poweredOn":
                 self._wait(vm.ref.PowerOnVM_Task(), f"power on {m.name}")
                 changed = True
+                if booted is not None:
+                    booted.append(m)
         return changed
+
+    def _await_boot(self, desired: DesiredCluster, booted: list[Machine]) -> None:
+        """Wait until every VM just powered on answers on its SSH port (an SSH banner), all at once.
+
+        Raises ``TransientError`` naming the VMs still silent after ``boot_timeout_seconds``.
+        """
+        if not booted:
+            return
+        port = self.connections.ssh.port if self.connections.ssh is not None else 22
+        timeout = self.connections.vsphere.boot_timeout_seconds
+        pending = {m.name: m.address for m in booted if m.address}
+        self.log(f"[{desired.name}] vsphere: waiting for the guests of {', '.join(sorted(pending))} to boot")
+        t0 = time.monotonic()
+        while True:
+            pending = {n: a for n, a in pending.items() if not _ssh_answers(a, port)}
+            if not pending:
+                self.log(f"[{desired.name}] vsphere: guests up after {time.monotonic() - t0:.1f}s")
+                return
+            if time.monotonic() - t0 > timeout:
+                shown = ", ".join(f"{n} ({a}:{port})" for n, a in sorted(pending.items()))
+                raise TransientError(f"cluster {desired.name}: VM(s) powered on but not answering on SSH after "
+                                     f"{timeout:.0f}s: {shown}; is the guest booting, and is the address right?",
+                                     delay=5)
+            time.sleep(0.5)
 
     def _destroy_vm(self, desired: DesiredCluster, vm: Vm) -> None:
         with vm_lock(f"{desired.name}-{vm.name}"):
@@ -402,7 +446,9 @@ class VsphereBackend(HostsCluster):
         if create:
             self._allocate(desired, inv)  # every address known (or AddressesExhausted) before anything is cloned
         if a == "infrastructure.ensure":
-            changed = [m.name for m in self._machines(desired) if self._ensure_vm(desired, m, inv)]
+            booted: list[Machine] = []
+            changed = [m.name for m in self._machines(desired) if self._ensure_vm(desired, m, inv, booted)]
+            self._await_boot(desired, booted)
             r = self._run("prepare.yml", desired, limit=list(self._machines(desired)))
             return StepResult(step.id, changed=bool(changed) or r.changed,
                               detail=f"VMs changed: {', '.join(changed) or 'none'}; hosts prepared"
@@ -410,7 +456,9 @@ class VsphereBackend(HostsCluster):
         if a in ("nodePool.create", "nodePool.scale", "nodePool.update"):
             pool = step.object
             want = self.workers(desired, pool)
-            changed = [m.name for m in want if self._ensure_vm(desired, m, inv)]
+            booted = []
+            changed = [m.name for m in want if self._ensure_vm(desired, m, inv, booted)]
+            self._await_boot(desired, booted)
             if a == "nodePool.update":
                 return StepResult(step.id, changed=bool(changed), detail=f"reconfigured: {', '.join(changed) or 'none'}")
             r = self._run("join.yml", desired, limit=want, fw_version=desired.kubernetes_version)
