@@ -139,6 +139,12 @@ def _save(cfg: Config, vms: dict[str, dict[str, Any]], synced: bool = False) -> 
             sec["synced_at"] = time.time()
 
 
+def _remove(cfg: Config, name: str) -> None:
+    """A destroyed VM's machine: the plug pulled (no guest shutdown), then its disk deleted."""
+    machines.stop_machine(cfg, name, graceful=False)
+    machines.remove_machine(cfg, name)
+
+
 def reconcile(cfg: Config, current: dict[str, dict[str, Any]], record: dict[str, dict[str, Any]],
               seen: dict[str, tuple]) -> dict[str, dict[str, Any]]:
     """Act on every VM whose (name, address, power) changed since ``seen``; returns the new record.
@@ -150,7 +156,7 @@ def reconcile(cfg: Config, current: dict[str, dict[str, Any]], record: dict[str,
     for moid in [m for m in record if m not in current]:  # destroyed
         entry = record.pop(moid)
         progress(f"VM {entry['vm']} ({moid}) is gone: removing machine {entry['name']}")
-        machines.remove_machine(cfg, entry["name"])
+        _remove(cfg, entry["name"])
         seen.pop(moid, None)
     for moid, vm in sorted(current.items(), key=lambda kv: kv[1]["name"]):
         key = (vm["name"], vm["address"], vm["power"])
@@ -161,7 +167,7 @@ def reconcile(cfg: Config, current: dict[str, dict[str, Any]], record: dict[str,
             if entry is not None and (entry["name"], entry["address"]) != (vm["name"], vm["address"]):
                 progress(f"VM {vm['vm']} ({moid}) now wants {vm['name']} at {vm['address']}: "
                          f"removing machine {entry['name']} ({entry['address']})")
-                machines.remove_machine(cfg, entry["name"])
+                _remove(cfg, entry["name"])
                 record.pop(moid)
                 entry = None
             if vm["power"] == "poweredOn":
@@ -247,7 +253,7 @@ def down(cfg: Config) -> None:
     """Stop the watcher, then stop and delete every machine it made (no orphans)."""
     stop_process(NAME, cfg)
     for entry in _record(cfg).values():
-        machines.remove_machine(cfg, entry["name"])
+        _remove(cfg, entry["name"])
     with locked_state(cfg) as st:
         st.pop("vsphere_machines", None)
 
