@@ -10,7 +10,9 @@ VENV_STAMP := .venv/.fleetwright-installed
 $(VENV_STAMP): pyproject.toml requirements.lock
 	command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
 	[ -x $(PY) ] || uv venv -q -p 3.11 .venv
-	uv pip install -q -p $(PY) -r requirements.lock
+	# --compile-bytecode: every flow-run process imports Prefect; from source (no .pyc, e.g. under
+	# PYTHONDONTWRITEBYTECODE) that costs about 1.6 s of CPU more per process (bench/RESULTS.md, Sweep)
+	uv pip install -q -p $(PY) --compile-bytecode -r requirements.lock
 	uv pip install -q -p $(PY) --no-deps -e .
 	touch $(VENV_STAMP)
 

@@ -257,6 +257,12 @@ def main() -> int:
     args = ap.parse_args()
     from testenv.common import Config
 
+    # the project's own modules as an installed worker has them, compiled (as `make setup` compiles the venv's):
+    # Python writes them on first import, except under PYTHONDONTWRITEBYTECODE, which a shell may set
+    import compileall
+
+    for pkg in ("flows", "tasks", "models", "backends", "fleetwright", "bench", "testenv"):
+        compileall.compile_dir(str(ROOT / pkg), quiet=1)
     cfg = Config(state_dir=Path(os.environ.get("FLEETWRIGHT_TESTENV_DIR", "/tmp/fleetwright-bench-sweep")))
     results = []
     for s in args.sizes.split(","):

@@ -140,7 +140,7 @@ def correct_holding(desired: DesiredCluster, p: Plan, drift: list[str], idempote
     if len(held) == len(p.steps):
         out = Outcome(desired.name, Status.IN_SYNC)
     else:
-        out = converge(desired, dry_run=False, idempotency_key=idempotency_key,
+        out = converge(desired, dry_run=False, idempotency_key=idempotency_key, plain=True,
                        step_filter=lambda s: not s.destructive and (allow is None or allow(s)), guard=window)
     out.drift = drift
     if out.status == Status.CONVERGED:

@@ -10,10 +10,15 @@ and gathers one fleet summary artifact from the shards' summaries (counts plus t
 that are not in sync: memory stays bounded at 10,000 clusters). A fleet no bigger than one
 shard, or a sweep not started from a deployment, runs in this flow run.
 
-Within a shard, clusters are handled in batches (one Prefect task per batch, 50 by default)
-with concurrent backend calls inside a batch; a backend that offers ``observe_many`` reads a
-batch's clusters in one go. A shard holds its share of each backend API's fleet-wide limit
-(``tasks.locks.api_share``), so the limits bound API calls across all shards.
+Within a shard, clusters are handled in batches (one Prefect task per batch, 50 by default, 4
+at once); every cluster of the run is checked in one shared pool of threads (twice the API slots
+the run holds), in an order that gives every backend API work all along the run
+(``models.shards.interleave``); a backend that offers ``observe_many`` reads a batch's clusters
+in one go. Per cluster there is no task run: a repair's observations and steps are plain calls
+inside its batch task (``converge(plain=True)``, retried as tasks are), so a sweep costs the
+server a few events per batch plus one per drifted or failed cluster. A shard holds its share
+of each backend API's fleet-wide limit (``tasks.locks.api_share``), so the limits bound API
+calls across all shards.
 
 A cluster in ``report`` mode gets an artifact line and a ``fleetwright.cluster.drift`` event;
 the run ends in the state named ``Drift`` (Completed) with the clusters in its message. Failed
@@ -28,8 +33,10 @@ approval of all of them (``flows.approvals``); the run's name is then ``Drift`` 
 """
 from __future__ import annotations
 
+import contextvars
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from datetime import datetime
 from typing import Optional
@@ -48,7 +55,7 @@ from models.errors import PermanentError, TransientError
 from models.plan import plan
 from models.policy import is_automation
 from models.resolve import Resolver, matches
-from models.shards import plan_shards
+from models.shards import interleave, plan_shards
 from models.status import PROBLEMS, Status
 from tasks.blocks import connections
 from tasks.cluster import Outcome, _observe as observe_once, drift_lines, plan_rows
@@ -58,7 +65,7 @@ from tasks.locks import api_limits, api_share, ensure_api_limits, share_of
 from tasks.report import merge_summaries, publish, publish_summary, summarise
 
 from .approvals import SWEEP_TIMEOUT_SECONDS, approval_markdown, approve_held, approve_held_in_summary, correct_holding
-from .common import DEFAULT_ACTOR, DefinitionsSource, default_source, gate, in_threads, load_definitions, run_key
+from .common import DEFAULT_ACTOR, DefinitionsSource, default_source, gate, load_definitions, run_key
 from .windows import WindowGate
 
 SHARD_DEPLOYMENT = "reconcile-shard/reconcile-shard"
@@ -132,28 +139,62 @@ def observe_batch(desired: list[DesiredCluster]) -> dict[str, ObservedCluster | 
     return out
 
 
+class SweepWork:
+    """What the batch tasks of one run share; a plain object, so Prefect does not walk it as a task parameter.
+
+    ``resolve(name)`` gives a cluster's desired state (resolved in its batch: a shard never holds
+    all of its clusters' desired states at once). ``pool``: one set of threads for every cluster of
+    the run, so a slow cluster (a repair under its lock) holds one thread, not its batch's share of
+    the API slots, and batches never leave slots idle while their last clusters finish.
+    """
+
+    def __init__(self, resolve, pool, dry_run: bool, idempotency_key: str, windows=None):
+        self.resolve, self.pool, self.dry_run, self.key, self.windows = resolve, pool, dry_run, idempotency_key, windows
+
+    def check(self, d: DesiredCluster, pre) -> Outcome:
+        return check_one(d, self.dry_run, self.key, pre, self.windows)
+
+
 @task(name="reconcile-batch", task_run_name="reconcile batch {index}", cache_policy=NO_CACHE)
-def reconcile_batch(index: int, desired: list[DesiredCluster], dry_run: bool, idempotency_key: str,
-                    max_workers: int, windows=None) -> list[Outcome]:
+def reconcile_batch(index: int, clusters: list[str], work: SweepWork) -> list[Outcome]:
+    """One batch of a sweep: its clusters resolved, observed (a batch call where the backend has one) and
+    checked in the run's shared threads. A cluster that cannot be resolved fails alone."""
+    desired, outcomes = [], {}
+    for n in clusters:
+        try:
+            desired.append(work.resolve(n))
+        except Exception as e:  # noqa: BLE001 - one broken definition must not stop the batch
+            outcomes[n] = Outcome(n, Status.FAILED, reason=f"resolve: {type(e).__name__}: {e}")
     pre = observe_batch(desired)
-    return in_threads(lambda d: check_one(d, dry_run, idempotency_key, pre.get(d.name), windows), desired, max_workers)
+    futures = {d.name: work.pool.submit(contextvars.copy_context().run, work.check, d, pre.get(d.name))
+               for d in desired}
+    for n, f in futures.items():
+        outcomes[n] = f.result()
+    return [outcomes[n] for n in clusters]
 
 
 BATCHES_AT_ONCE = 4  # the sweep flows' ThreadPoolTaskRunner
 
 
-def _sweep(desired: list[DesiredCluster], dry_run: bool, key: str, batch_size: int, max_workers: int,
+def _sweep(names: list[str], resolve, dry_run: bool, key: str, batch_size: int, max_workers: int,
            windows=None, slots: int = 0) -> list[Outcome]:
-    """The clusters in batch tasks. ``slots``: API slots this run holds; a cluster holds one at a time,
-    so twice as many clusters in flight keep them busy (``max_workers`` per batch at least)."""
-    threads = max(max_workers, math.ceil(2 * slots / BATCHES_AT_ONCE))
-    futures = [reconcile_batch.submit(i, desired[i:i + batch_size], dry_run, key, threads, windows)
-               for i in range(0, len(desired), batch_size)]
-    return [o for f in futures for o in f.result()]
+    """The clusters in batch tasks, all checked in one pool of threads. ``slots``: API slots this run
+    holds; a cluster holds one at a time, so twice as many clusters in flight keep them busy
+    (``max_workers`` at least)."""
+    threads = max(max_workers, 2 * slots)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sweep") as pool:
+        work = SweepWork(resolve, pool, dry_run, key, windows)
+        futures = [reconcile_batch.submit(i, names[i:i + batch_size], work) for i in range(0, len(names), batch_size)]
+        return sorted((o for f in futures for o in f.result()), key=lambda o: o.cluster)
 
 
-def _apis(desired: list[DesiredCluster]) -> set[str]:
-    return {d.backend.type for d in desired} | {"kubernetes"}
+def _apis(defs, names: list[str]) -> set[str]:
+    return {defs.clusters[n].spec.backend.type for n in names} | {"kubernetes"}
+
+
+def _in_api_order(defs, names: list[str]) -> list[str]:
+    """The clusters with each backend API's spread evenly over the run (``models.shards.interleave``)."""
+    return interleave([(n, defs.clusters[n].spec.backend.type) for n in names])
 
 
 def _listed(names: list[str], n: int = 20) -> str:
@@ -213,12 +254,12 @@ def reconcile_shard(clusters: list[str], source: Optional[DefinitionsSource] = N
     guard = install_guard(str(this_run.get_id() or ""), RemovalGuard(pin(source or default_source())[0], defs))
     r = Resolver(defs)
     gone = [n for n in clusters if n not in defs.clusters]
-    desired = [r.resolve(n) for n in clusters if n in defs.clusters]
+    names = _in_api_order(defs, [n for n in clusters if n in defs.clusters])
     outcomes = [Outcome(n, Status.SKIPPED, reason="no longer in the definitions") for n in gone]
     key = run_key(idempotency_key)
     win = WindowGate(defs, flow="reconcile-shard", actor=actor, dry_run=dry_run, now=now)
     with api_share(api_shares) if api_shares else nullcontext():
-        outcomes += _sweep(desired, dry_run, key, batch_size, max_workers, win, slots=sum(api_shares.values()))
+        outcomes += _sweep(names, r.resolve, dry_run, key, batch_size, max_workers, win, slots=sum(api_shares.values()))
     seconds = time.monotonic() - t0
     publish("reconcile-shard", outcomes, dry_run=dry_run,
             extra_md=f"Shard {shard}: {len(outcomes)} clusters in {seconds:.1f}s.\n\n{guard.markdown()}\n\n" + win.finish())
@@ -395,7 +436,7 @@ def _shards_md(rows: list[dict]) -> str:
 def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsSource] = None,  # noqa: B006
                     batch_size: int = 50, max_workers: int = 8, dry_run: bool = False,
                     shard_size: Optional[int] = None, parallel_shards: Optional[int] = None,
-                    min_shard_size: int = 1000, shard_retries: int = 1,
+                    min_shard_size: int = 2500, shard_retries: int = 1,
                     shard_timeout_seconds: float = 3600.0, now: Optional[datetime] = None,
                     approval_timeout_seconds: int = SWEEP_TIMEOUT_SECONDS, actor: str = DEFAULT_ACTOR):
     """Sweep the fleet for drift in shards; report or correct each cluster by its drift mode; one summary artifact.
@@ -455,11 +496,11 @@ def reconcile_fleet(selector: dict[str, str] = {}, source: Optional[DefinitionsS
                                  f"in {len(rows)} shard runs.{retried}\n\n" + _shards_md(rows)
                                  + ("\n\n" + approval_markdown([approval]) if approval else ""))
     else:
-        desired = [r.resolve(n) for n in names]
-        shares = {api: share_of(api, 1) for api in _apis(desired)}
+        shares = {api: share_of(api, 1) for api in _apis(defs, names)}
         win = WindowGate(defs, flow="reconcile-fleet", actor=actor, dry_run=dry_run, now=now)
         with api_share(shares):
-            outcomes = _sweep(desired, dry_run, key, batch_size, max_workers, win, slots=sum(shares.values()))
+            outcomes = _sweep(_in_api_order(defs, names), r.resolve, dry_run, key, batch_size, max_workers, win,
+                              slots=sum(shares.values()))
         outcomes, approval = approve_held(outcomes, definitions=lambda: defs, flow="reconcile-fleet", idempotency_key=key,
                                           timeout=approval_timeout_seconds, max_workers=max_workers, window=win.guard,
                                           actor=actor)

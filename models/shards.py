@@ -12,7 +12,9 @@ its whole run. Two things make a sweep slower than the limits allow, and this pl
   slots for an API gets none of its clusters), so every shard needs about the same time.
 
 ``plan_shards`` takes ``(cluster, api)`` pairs (the API its infrastructure is observed through);
-every cluster also uses ``common`` (the in-cluster Kubernetes API).
+every cluster also uses ``common`` (the in-cluster Kubernetes API). ``interleave`` orders a run's
+clusters so that every API has work from the first cluster to the last: a run that took them
+API by API would keep one API's slots busy while the others' stood idle.
 """
 from __future__ import annotations
 
@@ -75,3 +77,17 @@ def plan_shards(clusters: list[tuple[str, str]], shards: int, limits: dict[str, 
     for s, n_slots in zip(plan, rest):
         s.shares[common] = 1 + n_slots
     return plan
+
+
+def interleave(clusters: list[tuple[str, str]]) -> list[str]:
+    """The cluster names with each API's clusters spread evenly over the list, in name order within an API.
+
+    The i-th of an API's n clusters sits at fraction ``(i + 0.5) / n`` of the list, so each API's
+    share of the work is the same all along the run (ties: by API, then name).
+    """
+    by_api: dict[str, list[str]] = {}
+    for name, api in clusters:
+        by_api.setdefault(api, []).append(name)
+    keyed = [((i + 0.5) / len(names), api, name) for api, names in by_api.items()
+             for i, name in enumerate(sorted(names))]
+    return [name for _, _, name in sorted(keyed)]

@@ -29,7 +29,7 @@ from models.status import Status
 from .blocks import connections
 from .health import expectation, wait_healthy
 from .locks import cluster_lock, install_api_guard
-from .retry import retry_options
+from .retry import call, retry_options
 
 
 install_api_guard()  # every backend API call in this process honours the API limits
@@ -196,7 +196,8 @@ def drift_lines(observed: ObservedCluster, p: Plan) -> list[str]:
 
 def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
              step_filter: Callable[[Step], bool] | None = None, lock_timeout: float | None = None,
-             versions_matter: bool = True, guard: Callable[[Step], str | None] | None = None) -> Outcome:
+             versions_matter: bool = True, guard: Callable[[Step], str | None] | None = None,
+             plain: bool = False) -> Outcome:
     """Observe, plan and (unless ``dry_run``) apply one cluster's steps under its lock, then verify.
 
     ``versions_matter=False`` (a flow that only touches components or workspaces) lets a refused
@@ -204,7 +205,14 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
     exist yet (reported as ``absent``: creating them will include the change). ``guard(step)`` (the
     maintenance windows, ``flows.windows``) returns why a step may not start now: the cluster is then
     ``deferred`` with that reason, before the step and before anything after it.
+
+    ``plain``: observations, steps and checks are plain calls with the tasks' retry policy, not task
+    runs (a sweep's repairs, inside its batch task: a task run per observation and step cost more CPU
+    and server events than the repair itself). Without their cache a step is not skipped as done by a
+    re-run with the same key; the re-run observes and plans again, so a step already done is not planned.
     """
+    observe_cluster, apply_step, health_gate, verify_health = (
+        _as_calls(_TASKS) if plain else _TASKS)
     t0 = time.monotonic()
     log = _log()
     keep = step_filter or (lambda s: True)
@@ -250,6 +258,14 @@ def converge(desired: DesiredCluster, *, dry_run: bool, idempotency_key: str,
     except Exception as e:  # noqa: BLE001 - a failed task re-raises its exception; report it, don't crash the fleet
         log.error("%s: %s: %s", desired.name, type(e).__name__, e)
         return Outcome(desired.name, Status.FAILED, rows, done, reason=f"{type(e).__name__}: {e}", seconds=time.monotonic() - t0)
+
+
+_TASKS = (observe_cluster, apply_step, health_gate, verify_health)
+
+
+def _as_calls(tasks_: tuple) -> tuple:
+    """Each task as a plain call of its function, retried as the task would be (``tasks.retry.call``)."""
+    return tuple((lambda t: lambda *a, **k: call(t.fn, *a, retries=t.retries, **k))(t) for t in tasks_)
 
 
 @task(name="decommission", task_run_name="decommission {desired.name}", cache_policy=NO_CACHE, **retry_options())

@@ -75,3 +75,27 @@ def retry_options(retries: int = 4) -> dict:
     base = float(os.environ.get("FLEETWRIGHT_RETRY_BASE_SECONDS", "2"))
     return dict(retries=retries, retry_delay_seconds=exponential_backoff(backoff_factor=base),
                 retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+
+
+def call(fn, *args, retries: int = 4, **kwargs):
+    """``fn(*args, **kwargs)`` with the same policy as a task with :func:`retry_options`, without a task run.
+
+    For work inside a task that would cost more as task runs than it does itself (a sweep's repairs):
+    TransientError only, exponential backoff (``FLEETWRIGHT_RETRY_BASE_SECONDS`` x 2^attempt) with
+    jitter, a server's ``delay`` waited out first, within ``FLEETWRIGHT_RETRY_TOTAL_SECONDS`` in all.
+    """
+    import random
+
+    base = float(os.environ.get("FLEETWRIGHT_RETRY_BASE_SECONDS", "2"))
+    first = time.time()
+    for attempt in range(retries + 1):
+        try:
+            return fn(*args, **kwargs)
+        except TransientError as e:
+            delay = max(float(getattr(e, "delay", None) or 0.0), 0.0)
+            if attempt == retries or time.time() - first + delay > total_seconds():
+                raise
+            log.info("retrying %s after %s (attempt %d of %d)", getattr(fn, "__name__", fn), e, attempt + 2,
+                     retries + 1)
+            time.sleep(delay + base * 2 ** attempt * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")

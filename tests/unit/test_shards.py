@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flows.reconcile import cut_shards
-from models.shards import plan_shards, split_slots
+from models.shards import interleave, plan_shards, split_slots
 
 pytestmark = pytest.mark.unit
 
@@ -60,3 +60,14 @@ def test_small_fleets_are_swept_in_the_fleet_run():
     assert len(chunks) == 3 and len(shares) == 3
     chunks, _ = cut_shards(sorted(api_of), api_of, shard_size=100, parallel=3, min_shard_size=500)
     assert len(chunks) == 9  # an explicit size wins
+
+
+def test_a_run_takes_every_api_all_along_not_one_after_another():
+    grouped = [(f"a{i}", "aws") for i in range(30)] + [(f"m{i}", "metal") for i in range(10)]
+    order = interleave(grouped)
+    assert sorted(order) == sorted(n for n, _ in grouped)
+    # every quarter of the run has its share of each API's clusters (3 aws : 1 metal)
+    for q in range(4):
+        part = order[q * 10:(q + 1) * 10]
+        assert sum(n.startswith("m") for n in part) in (2, 3), (q, part)
+    assert order.index("a0") < order.index("a1") < order.index("a29")  # name order within an API
