@@ -105,6 +105,30 @@ def connect(section: Mapping[str, Any]):
                         pwd=section["password"], disableSslCertValidation=True)
 
 
+def marked_vms(section: Mapping[str, Any], key: str, value: str) -> dict[str, dict[str, dict[str, str]]]:
+    """Every VM whose custom attribute ``key`` is ``value`` (how duplicates and orphans are counted):
+    name -> {"marks": its custom attributes by name, "extra": its extraConfig}."""
+    from pyVim.connect import Disconnect
+    from pyVmomi import vim
+
+    si = connect(section)
+    try:
+        content = si.RetrieveContent()
+        fields = {f.key: f.name for f in content.customFieldsManager.field or []}
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        try:
+            out = {}
+            for vm in view.view:
+                marks = {fields.get(cv.key): cv.value for cv in vm.customValue}
+                if marks.get(key) == value:
+                    out[vm.name] = {"marks": marks, "extra": {o.key: o.value for o in vm.config.extraConfig}}
+            return out
+        finally:
+            view.Destroy()
+    finally:
+        Disconnect(si)
+
+
 def _find(content, kind, name):
     view = content.viewManager.CreateContainerView(content.rootFolder, [kind], True)
     try:

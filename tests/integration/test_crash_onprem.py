@@ -38,7 +38,7 @@ from .workers import wait_until as _wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ("edge-lab-01", "dc1-web-dev")
-ALLOWED_ON_HOSTS = ("/usr/sbin/sshd -D", "fw-supervise", "/etcd", "kube-apiserver", "kube-controller-manager",
+ALLOWED_ON_HOSTS = ("/usr/sbin/sshd -D", "fw-supervise", "fw-node-agent", "/etcd", "kube-apiserver", "kube-controller-manager",
                     "boot.sh")
 
 
@@ -175,24 +175,11 @@ def playbook_running(proc: subprocess.Popen, playbook: str):
 
 
 def vm_names(section, cluster: str) -> list[str]:
-    from pyVim.connect import Disconnect
-    from pyVmomi import vim
-
+    """The cluster's VMs, found by custom attribute (a duplicate would show)."""
     from backends.base import CLUSTER_KEY
     from testenv import vcsim
 
-    si = vcsim.connect(section)
-    try:
-        content = si.RetrieveContent()
-        fields = {f.key: f.name for f in content.customFieldsManager.field or []}
-        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
-        try:
-            return sorted(vm.name for vm in view.view
-                          if {fields.get(cv.key): cv.value for cv in vm.customValue}.get(CLUSTER_KEY) == cluster)
-        finally:
-            view.Destroy()
-    finally:
-        Disconnect(si)
+    return sorted(vcsim.marked_vms(section, CLUSTER_KEY, cluster))
 
 
 def kill_and_check(crashy, proc: subprocess.Popen, cluster: str, in_ansible: bool) -> None:

@@ -92,26 +92,8 @@ def ensure(b: VsphereBackend, d):
 
 def addresses(section) -> dict[str, tuple[str, str]]:
     """VM name -> (address attribute, guestinfo address) of every VM marked for ``vs-addr``."""
-    from pyVim.connect import Disconnect
-    from pyVmomi import vim
-
-    si = vcsim.connect(section)
-    try:
-        content = si.RetrieveContent()
-        fields = {f.key: f.name for f in content.customFieldsManager.field or []}
-        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
-        try:
-            out = {}
-            for vm in view.view:
-                marks = {fields.get(cv.key): cv.value for cv in vm.customValue}
-                if marks.get(CLUSTER_KEY) == CLUSTER:
-                    extra = {o.key: o.value for o in vm.config.extraConfig}
-                    out[vm.name] = (marks.get(ADDRESS_KEY), extra.get("guestinfo.fleetwright.address"))
-            return out
-        finally:
-            view.Destroy()
-    finally:
-        Disconnect(si)
+    return {n: (v["marks"].get(ADDRESS_KEY), v["extra"].get("guestinfo.fleetwright.address"))
+            for n, v in vcsim.marked_vms(section, CLUSTER_KEY, CLUSTER).items()}
 
 
 @pytest.fixture(scope="module")
