@@ -171,12 +171,19 @@ class HostsCluster:
                     if s.marker == desired.name and s.state.get("role") == "worker" and s.state.get("pool") == step.object]
             r = self._run("reset.yml", desired, limit=gone, fw_delete_node=True)
         elif a in ("controlPlane.upgrade", "nodePool.upgrade"):
-            # only members (hosts with our state): a worker still to join joins at the new version
+            # only members (hosts with our state): a worker still to join joins at the new version.
+            # The control-plane step has every worker in its run too: they get the new version's images
+            # first (upgrade.yml), since `kubeadm upgrade apply` moves kube-proxy on every node at once.
             states = self._states(desired, self.all_known(desired))
-            role = "controlPlane" if a == "controlPlane.upgrade" else "worker"
-            members = [s.machine for s in states.values() if s.marker == desired.name and s.state.get("role") == role
-                       and (role == "controlPlane" or s.state.get("pool") == step.object)]
-            r = self._run("upgrade.yml", desired, limit=members, fw_version=step.params["version"])
+            ours = [s for s in states.values() if s.marker == desired.name]
+            if a == "controlPlane.upgrade":
+                members = [s.machine for s in ours if s.state.get("role") in ("controlPlane", "worker")]
+                group = "control_plane"
+            else:
+                members = [s.machine for s in ours if s.state.get("role") == "worker" and s.state.get("pool") == step.object]
+                group = "workers"
+            r = self._run("upgrade.yml", desired, limit=members, fw_version=step.params["version"],
+                          fw_upgrade_group=group)
         elif a == "nodePool.update":
             return StepResult(step.id, changed=False, detail=f"{self.kind}: machine settings of pool {step.object} "
                                                             "are not managed by the playbooks")

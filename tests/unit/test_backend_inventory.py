@@ -114,3 +114,57 @@ def test_an_authentication_failure_is_permanent_an_unreachable_host_transient(me
     with pytest.raises(error) as e:
         ansible._raise_for("x.yml", "c1", "failed", 4, [], [("h1", message)], 10)
     assert type(e.value) is error
+
+
+def test_the_control_plane_upgrade_brings_every_member_the_new_images_but_upgrades_only_the_control_plane(
+        example_defs, monkeypatch, tmp_path):
+    """`kubeadm upgrade apply` moves kube-proxy on every node at once: the control-plane step's run has every
+    member in its limit for upgrade.yml's image play, and its upgrade plays pick only the control plane
+    (checked with ansible-playbook --list-hosts on the generated inventory, ~2 s)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from backends.ansible import AnsibleResult, HostState
+    from models.plan import Step
+
+    d = resolve(example_defs, "edge-lab-01")
+    b = MetalBackend(CONN)
+    hosts = b.hosts(d)
+    monkeypatch.setattr(b, "_states", lambda desired, hosts=None: {
+        m.name: HostState(machine=m, marker=d.name, state={"role": m.role, "pool": m.pool, "version": "1.20"},
+                          ca=None, processes={}) for m in hosts})
+    runs = []
+    monkeypatch.setattr(b, "_run", lambda playbook, desired, limit=None, **ev: runs.append((playbook, limit, ev))
+                        or AnsibleResult(changed=True, ok=[], failed=[], unreachable=[], stats={}))
+    pool = d.node_pools[0].name
+    for action, obj in (("controlPlane.upgrade", "control-plane"), ("nodePool.upgrade", pool)):
+        b.apply_hosts(d, Step(id=action, cluster=d.name, action=action, target="infrastructure", object=obj,
+                              reason="test", params={"version": "1.21"}))
+    (pb1, limit1, ev1), (pb2, limit2, ev2) = runs
+    assert pb1 == pb2 == "upgrade.yml"
+    assert sorted(m.name for m in limit1) == sorted(m.name for m in hosts)  # workers too: the images
+    assert ev1["fw_upgrade_group"] == "control_plane" and ev2["fw_upgrade_group"] == "workers"
+    assert sorted(m.name for m in limit2) == sorted(m.name for m in hosts if m.role == "worker")
+
+    inv = tmp_path / "hosts.json"
+    inv.write_text(json.dumps(ansible.inventory(hosts, d, CONN)))
+    pb = Path(ansible.__file__).resolve().parent.parent / "playbooks" / "upgrade.yml"
+
+    def plays(group: str, limit) -> list[list[str]]:
+        out = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inv), str(pb),
+                              "--list-hosts", "-e", f"fw_upgrade_group={group}", "--limit", ",".join(m.name for m in limit)],
+                             capture_output=True, text=True, check=True).stdout
+        got: list[list[str]] = []
+        for line in out.splitlines():
+            if line.strip().startswith("play #"):
+                got.append([])
+            elif got and line.startswith("      ") and line.strip():
+                got[-1].append(line.strip())
+        return [sorted(p) for p in got]
+
+    cps = [m.name for m in hosts if m.role == "controlPlane"]
+    workers = sorted(m.name for m in hosts if m.role == "worker")
+    assert plays("control_plane", limit1) == [sorted(m.name for m in hosts), cps, []]
+    assert workers  # (the workers step's plays mirror it: "workers:&workers"; one ansible-playbook call is enough)
