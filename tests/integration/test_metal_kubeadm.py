@@ -581,6 +581,9 @@ def test_a_flow_killed_in_kubeadm_init_and_in_a_worker_upgrade_converges_when_ru
         assert machines.ssh(metal["cfg"], machines.machine_address(i), "kubelet --version").stdout.strip() \
             == "Kubernetes v1.21.0", n
     _settled()
+    # and every host's own record agrees: a new run finds nothing to do
+    again = upgrade_cluster(cluster=CLUSTER, to_version="1.21", source=src, actor="alice")
+    assert again["clusters"][0]["status"] == "in-sync", again
     print(f"kill test: {time.monotonic() - t0:.1f}s in all")
 
 
