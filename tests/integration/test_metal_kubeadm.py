@@ -287,6 +287,11 @@ class UpgradeWatch(threading.Thread):
             time.sleep(0.5)
 
 
+# heavy until it has passed twice in a row: the gap that made it heavy (kube-proxy v1.21.0 in ImagePullBackOff
+# on the workers after the control-plane upgrade) is fixed (upgrade.yml imports the new images on every node
+# first). Its one run since (518 s at load 12-16): converged, one node cordoned at a time, the budget held; it
+# failed only on a 4th worker the scale test's reset had left (a reset.yml bug, fixed since)
+@pytest.mark.heavy
 def test_upgrade_cluster_changes_the_binaries_on_every_node_and_a_budgeted_pod_keeps_running(metal):
     """After create: upgrade-cluster 1.20 -> 1.21 through the flow. Every node gets the 1.21 images
     first (kubeadm upgrade apply moves kube-proxy on every node at once), then kubeadm upgrade apply on
@@ -351,6 +356,7 @@ def test_upgrade_cluster_changes_the_binaries_on_every_node_and_a_budgeted_pod_k
     assert (d.status.available_replicas or 0) >= 1
 
 
+@pytest.mark.heavy  # with the upgrade test it follows (passed after it once, 98 s)
 def test_the_gate_fails_naming_a_node_whose_kubelet_stopped(metal, monkeypatch):
     """The verify gate judges the nodes by their status: a stopped kubelet makes its Node NotReady
     (the node lifecycle controller, ~40 s) and the gate fails naming it."""
@@ -504,7 +510,7 @@ def _settled() -> None:
     wait_until(lambda: not _unsettled(), 120, f"kubeadm and SSH sessions on the machines to end: {_unsettled()}")
 
 
-@pytest.mark.heavy  # ~9 min: its own create and upgrade, each resumed after the dead run's 60 s lease
+@pytest.mark.heavy  # 16 min at load 8-16 (passed once): its own create and upgrade, each resumed after the 60 s lease
 def test_a_flow_killed_in_kubeadm_init_and_in_a_worker_upgrade_converges_when_run_again(metal, tmp_path):
     """create-cluster killed while `kubeadm init` runs, then the same run again: the cluster converges with
     one Node per host; upgrade-cluster killed while a worker is drained, then again: every node at the new
@@ -587,7 +593,7 @@ def test_a_flow_killed_in_kubeadm_init_and_in_a_worker_upgrade_converges_when_ru
     print(f"kill test: {time.monotonic() - t0:.1f}s in all")
 
 
-@pytest.mark.heavy  # ~5 min: a cluster of its own with two control-plane hosts (a stacked etcd of two members)
+@pytest.mark.heavy  # NOT RUN YET (written at the session's end): a cluster of its own, two control-plane hosts
 def test_a_second_control_plane_host_joins_with_a_fresh_certificate_key(metal):
     """create-cluster with two control-plane hosts: kubeadm init on the first, then the second joins with
     --control-plane, the control-plane certificates uploaded encrypted with a key made for the run; it
