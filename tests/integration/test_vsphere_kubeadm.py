@@ -119,8 +119,10 @@ def test_a_powered_on_vm_boots_its_machine_power_off_stops_it_and_destroy_delete
         assert not _running(cfg, PROBE), "a powered-off VM has no machine running"
         t0 = time.monotonic()
         WaitForTask(vm.PowerOnVM_Task())
-        _wait(lambda: machines._ssh_banner(PROBE_ADDRESS), 120, f"{PROBE}'s guest to answer on SSH")
-        print(f"power-on to SSH: {time.monotonic() - t0:.1f}s")
+        # booted: the watcher records it once systemd is up (sshd may answer a little earlier)
+        _wait(lambda: (vsphere_machines.machine_of(cfg, PROBE) or {}).get("machine") == "running", 120,
+              f"{PROBE}'s machine to boot")
+        print(f"power-on to machine booted: {time.monotonic() - t0:.1f}s")
         r = machines.ssh(cfg, PROBE_ADDRESS, "hostname; cat /proc/1/comm; echo kept > /var/lib/disk-probe")
         assert r.stdout.split() == [PROBE, "systemd"]
         assert vsphere_machines.machine_of(cfg, PROBE)["address"] == PROBE_ADDRESS
@@ -131,8 +133,10 @@ def test_a_powered_on_vm_boots_its_machine_power_off_stops_it_and_destroy_delete
         print(f"power-off to machine stopped: {time.monotonic() - t0:.1f}s")
         assert not machines._ssh_banner(PROBE_ADDRESS)
 
+        _wait(lambda: vsphere_machines.machine_of(cfg, PROBE)["machine"] == "stopped", 30, "the record of the stop")
         WaitForTask(vm.PowerOnVM_Task())  # the same disk boots again
-        _wait(lambda: machines._ssh_banner(PROBE_ADDRESS), 120, f"{PROBE} to boot again")
+        _wait(lambda: (vsphere_machines.machine_of(cfg, PROBE) or {}).get("machine") == "running", 120,
+              f"{PROBE} to boot again")
         assert machines.ssh(cfg, PROBE_ADDRESS, "cat /var/lib/disk-probe").stdout.strip() == "kept"
 
         WaitForTask(vm.PowerOffVM_Task())
