@@ -9,6 +9,8 @@ kube-apiserver.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 from kubernetes import client as k8s
 
@@ -45,14 +47,17 @@ def add_extras(fleet) -> None:
     from tasks.cluster import converge
 
     r = Resolver(load_path(fleet["root"]))
+    # a fresh key every call: with one key, a later call takes the install from the step cache (done
+    # once already) while an approved sweep has removed it since
+    key = f"extras-{os.urandom(4).hex()}"
     with_dns = r.resolve("fw-dev", (ModelComponent(name="external-dns"),))
-    out = converge(with_dns, dry_run=False, idempotency_key="extras", step_filter=lambda s: s.object == "external-dns",
+    out = converge(with_dns, dry_run=False, idempotency_key=key, step_filter=lambda s: s.object == "external-dns",
                    versions_matter=False)
     assert out.status in ("converged", "in-sync"), out
     d = r.resolve("fw-dev")
     extra = d.node_pools[0].model_copy(update={"name": "extra"})
     with_pool = d.model_copy(update={"node_pools": [*d.node_pools, extra], "hash": d.hash + "-extra"})
-    out = converge(with_pool, dry_run=False, idempotency_key="extras", step_filter=lambda s: s.object == "extra")
+    out = converge(with_pool, dry_run=False, idempotency_key=key, step_filter=lambda s: s.object == "extra")
     assert out.status in ("converged", "in-sync"), out
     assert_extras_present(fleet)
 
